@@ -1,0 +1,20 @@
+"""Evaluate a checkpoint on its test set: ``python src/eval.py ckpt_path=PATH``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from mlplab.cli import register_resolvers, set_project_root, user_errors_exit
+from mlplab.training import evaluate
+
+set_project_root(__file__)
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@user_errors_exit
+def main(cfg: DictConfig) -> dict:
+    return evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

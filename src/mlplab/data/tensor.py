@@ -1,0 +1,164 @@
+"""The shared data path: whole splits as tensors, batches by tensor indexing.
+
+A dataset is loaded once, converted to float and normalised once, split with a seeded
+``torch.Generator`` and served through a standard :class:`~torch.utils.data.DataLoader`.
+:class:`BatchTensorDataset` implements ``__getitems__``, so the DataLoader's fetcher asks
+for a whole batch of indices at once: one gather per batch, no per-sample Python, no PIL,
+no worker processes. Because the DataLoader is a standard one with a standard sampler,
+Lightning can still swap in a ``DistributedSampler`` under DDP.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from mlplab.errors import ConfigError
+from mlplab.validation import positive_int, resolve_size, size_or_fraction
+
+
+class BatchTensorDataset(Dataset):
+    """Tensors sharing their first dimension; indexable by one index or a batch of them."""
+
+    def __init__(self, *tensors: Tensor) -> None:
+        if not tensors or any(t.size(0) != tensors[0].size(0) for t in tensors):
+            raise ValueError("BatchTensorDataset needs tensors with the same first dimension")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return self.tensors[0].size(0)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        return tuple(t[index] for t in self.tensors)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, ...]:
+        idx = torch.as_tensor(indices, device=self.tensors[0].device)
+        return tuple(t[idx] for t in self.tensors)
+
+
+def collate_batch(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``__getitems__`` already returns the collated batch; pass it through."""
+    return batch
+
+
+def split_indices(
+    n: int,
+    sizes: Sequence[int],
+    seed: int,
+) -> list[Tensor]:
+    """Disjoint random index sets of the given sizes from ``range(n)``, seeded."""
+    if sum(sizes) > n:
+        raise ValueError(f"split sizes {list(sizes)} need {sum(sizes)} samples, only {n} exist")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    out, start = [], 0
+    for size in sizes:
+        out.append(perm[start : start + size])
+        start += size
+    return out
+
+
+class TensorDataModule(L.LightningDataModule):
+    """Base for in-memory datasets.
+
+    Subclasses set ``input_shape`` and ``class_names`` and implement :meth:`load`, which
+    returns ``(x_pool, y_pool, x_test, y_test)``: float inputs already scaled and
+    normalised, int64 labels. The *pool* is split here into train and validation sets.
+
+    Split sizes are a count (int) or a fraction of the pool (float); ``train_size=None``
+    takes whatever the validation set leaves.
+    """
+
+    input_shape: tuple[int, ...] = ()
+    class_names: tuple[str, ...] = ()
+    #: Size of the train+val pool when it is known before loading (for early errors).
+    expected_pool_size: int | None = None
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_size: int | float = 0.1,
+        train_size: int | float | None = None,
+        split_seed: int = 42,
+        eval_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.batch_size = positive_int("data.batch_size", batch_size)
+        self.eval_batch_size = positive_int(
+            "data.eval_batch_size", eval_batch_size if eval_batch_size is not None else max(batch_size, 1000)
+        )
+        self.val_size = size_or_fraction("data.val_size", val_size)
+        self.train_size = size_or_fraction("data.train_size", train_size, optional=True)
+        if not isinstance(split_seed, int) or isinstance(split_seed, bool):
+            raise ConfigError(f"data.split_seed={split_seed!r} is invalid; allowed: an integer")
+        self.split_seed = split_seed
+        if self.expected_pool_size is not None:
+            self.split_sizes(self.expected_pool_size)
+        self.data_train: BatchTensorDataset | None = None
+        self.data_val: BatchTensorDataset | None = None
+        self.data_test: BatchTensorDataset | None = None
+
+    # -- metadata the model is sized from -------------------------------------------------
+    @property
+    def input_dim(self) -> int:
+        return int(torch.Size(self.input_shape).numel())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    # -- splitting ------------------------------------------------------------------------
+    def split_sizes(self, pool: int) -> tuple[int, int]:
+        """(train, val) counts for a pool of ``pool`` samples; raises ConfigError if they do not fit."""
+        val = resolve_size(self.val_size, pool)
+        train = pool - val if self.train_size is None else resolve_size(self.train_size, pool)
+        if val >= pool or train < 1 or train + val > pool:
+            raise ConfigError(
+                f"data.train_size={self.train_size} and data.val_size={self.val_size} ask for "
+                f"{train} train + {val} val samples, but only {pool} are available for train+val; "
+                f"allowed: train + val <= {pool}, each >= 1"
+            )
+        return train, val
+
+    # -- Lightning hooks ------------------------------------------------------------------
+    def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data_train is not None:
+            return
+        x_pool, y_pool, x_test, y_test = self.load()
+        n_train, n_val = self.split_sizes(x_pool.size(0))
+        train_idx, val_idx = split_indices(x_pool.size(0), (n_train, n_val), self.split_seed)
+        self.data_train = BatchTensorDataset(x_pool[train_idx], y_pool[train_idx])
+        self.data_val = BatchTensorDataset(x_pool[val_idx], y_pool[val_idx])
+        self.data_test = BatchTensorDataset(x_test, y_test)
+
+    def _loader(self, dataset: BatchTensorDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_batch)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.data_train, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.data_val, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.data_test, self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+
+def normalise(x: Tensor, mean: float, std: float) -> Tensor:
+    """In place ``(x - mean) / std``; returns ``x``."""
+    if mean:
+        x.sub_(mean)
+    if std != 1:
+        x.div_(std)
+    return x

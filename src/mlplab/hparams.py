@@ -1,0 +1,62 @@
+"""TensorBoard's HPARAMS tab with real metrics.
+
+Lightning's ``TensorBoardLogger.log_hyperparams(params, metrics)`` logs the metric
+*values* once, at step 0, which either shows a placeholder (``hp_metric=-1``) or, given
+final values, writes a point at step 0 that TensorBoard treats as a restart and uses to
+purge the real curve. The hparams plugin only needs the metric *names* in the experiment
+summary; it reads their values from the run's own scalars with the same tags. So we
+write the three hparams summaries ourselves, naming ``val/acc_best`` and ``test/acc``,
+and the values the plugin shows are the real, last logged ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Iterable
+
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard.summary import hparams
+
+HPARAM_METRICS = ("val/acc_best", "val/acc", "test/acc", "test/loss")
+#: Config sections shown as hyper-parameters (paths and Hydra plumbing are left out).
+HPARAM_SECTIONS = ("model", "data", "optimizer", "scheduler")
+HPARAM_KEYS = ("seed", "trainer.max_epochs", "trainer.accelerator", "trainer.devices", "trainer.strategy")
+_SKIP = {"data_dir", "download", "_partial_"}
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """A flat ``{"model.hidden_sizes": "[256, 128]", "optimizer.lr": 0.05, ...}`` view of a run."""
+    out: dict[str, Any] = {}
+
+    def visit(prefix: str, node: Any) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                if k not in _SKIP:
+                    visit(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(node, (bool, int, float, str)):
+            out[prefix] = node
+        else:  # None, lists
+            out[prefix] = str(node)
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for section in HPARAM_SECTIONS:
+        if container.get(section) is not None:
+            visit(section, container[section])
+    for key in HPARAM_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            visit(key, OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value)
+    return out
+
+
+@rank_zero_only
+def log_hparams(loggers: Iterable[Logger], params: dict[str, Any], metrics: Iterable[str] = HPARAM_METRICS) -> None:
+    for logger in loggers:
+        logger.log_hyperparams(params)  # hparams.yaml / CSV; no placeholder metric (default_hp_metric=False)
+        if isinstance(logger, TensorBoardLogger):
+            writer = logger.experiment._get_file_writer()
+            for summary in hparams(params, {m: float("nan") for m in metrics}):
+                writer.add_summary(summary)
+            writer.flush()
