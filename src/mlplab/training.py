@@ -15,12 +15,12 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab.config import validate_ckpt_path, validate_optimizer, validate_train_config, validate_trainer
+from mlplab.config import validate_ckpt_path, validate_train_config, validate_trainer
 from mlplab.data import TensorDataModule
 from mlplab.errors import CheckpointError, ConfigError
 from mlplab.hparams import flat_hparams, log_hparams
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # inter-process copies. Lightning's hint to add workers does not apply.
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -135,5 +136,3 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     _report(metrics, cfg)
     return metrics
 
-
-__all__ = ["train", "evaluate", "build_datamodule", "build_net", "validate_optimizer", "ModelCheckpoint"]

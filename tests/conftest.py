@@ -1,0 +1,106 @@
+"""Shared test helpers: config composition, CLI subprocesses, dataset files."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from mlplab.cli import register_resolvers
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+RAW_NAMES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+# Real MNIST / Fashion-MNIST raw files (read-only; tests copy them). CI sets this and
+# MLPLAB_REQUIRE_REAL_DATA=1 so that missing files fail instead of skipping.
+SHARED_DATA = Path(os.environ.get("MLPLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+register_resolvers()
+
+# Fast, quiet settings for tests that train.
+QUICK = [
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "trainer.enable_model_summary=false",
+    "callbacks.progress_bar.refresh_rate=0",
+]
+
+
+def compose_cfg(overrides: list[str], out_dir: Path, config_name: str = "train") -> DictConfig:
+    """Compose a config as the CLI would, with every output under ``out_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+        cfg.paths.log_dir = str(out_dir)
+        del cfg["hydra"]
+    return cfg
+
+
+def run_cli(script: str, args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python src/<script>.py args`` as a user would; returns the finished process."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(REPO / "src" / f"{script}.py"), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) as a gzipped IDX file, the format of MNIST's raw files."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def write_tiny_mnist(root: Path, folder: str = "MNIST", n_train: int = 60, n_test: int = 20, seed: int = 0) -> dict:
+    """Tiny random MNIST-layout files under ``root/folder/raw``; returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte.gz": (np.arange(n_train) % 10).astype(np.uint8),
+        "t10k-images-idx3-ubyte.gz": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte.gz": (np.arange(n_test) % 10).astype(np.uint8),
+    }
+    for name, arr in arrays.items():
+        write_idx(root / folder / "raw" / name, arr)
+    return arrays
+
+
+@pytest.fixture(scope="session")
+def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the real MNIST and Fashion-MNIST raw files (skip if absent)."""
+    missing = [f"{d}/raw/{n}" for d in ("MNIST", "FashionMNIST") for n in RAW_NAMES if not (SHARED_DATA / d / "raw" / n).is_file()]
+    if missing:
+        msg = f"real MNIST/Fashion-MNIST files not found under {SHARED_DATA} (set MLPLAB_SHARED_DATA): missing {missing[0]} ..."
+        if os.environ.get("MLPLAB_REQUIRE_REAL_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    root = tmp_path_factory.mktemp("real-data")
+    for d in ("MNIST", "FashionMNIST"):
+        shutil.copytree(SHARED_DATA / d / "raw", root / d / "raw")
+    return root
