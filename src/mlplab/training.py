@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mlplab.config import validate_ckpt_path, validate_train_config, validate_trainer
 from mlplab.data import TensorDataModule
-from mlplab.errors import CheckpointError, ConfigError
+from mlplab.errors import CheckpointError, ConfigError, MlplabError
 from mlplab.hparams import flat_hparams, log_hparams
 from mlplab.models import Classifier
 
@@ -42,15 +43,32 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
+def _instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate``, but a constructor's own user error comes through as itself.
+
+    Hydra wraps any exception raised by a ``_target_`` in an ``InstantiationException``;
+    unwrapped, our ConfigError reaches the entry point (one line on stderr, exit code 2).
+    """
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, MlplabError):
+            raise cause from None
+        raise
+
+
 def build_datamodule(data_cfg: DictConfig) -> TensorDataModule:
-    dm = instantiate(data_cfg)
+    dm = _instantiate_checked(data_cfg)
     if not isinstance(dm, TensorDataModule):
         raise ConfigError(f"data._target_={data_cfg.get('_target_')} is not an mlplab DataModule")
     return dm
 
 
 def build_net(model_cfg: DictConfig, dm: TensorDataModule) -> torch.nn.Module:
-    return instantiate(model_cfg, input_dim=dm.input_dim, num_classes=dm.num_classes)
+    return _instantiate_checked(model_cfg, input_dim=dm.input_dim, num_classes=dm.num_classes)
 
 
 def _summary(metrics: dict[str, float], output_dir: str | None) -> str:
