@@ -51,12 +51,17 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
+def write_hparams_summary(writer: Any, params: dict[str, Any], metrics: Iterable[str] = HPARAM_METRICS) -> None:
+    """Write the hparams plugin's summaries, naming ``metrics``, with a ``SummaryWriter``."""
+    file_writer = writer._get_file_writer()
+    for summary in hparams(params, {m: float("nan") for m in metrics}):
+        file_writer.add_summary(summary)
+    file_writer.flush()
+
+
 @rank_zero_only
 def log_hparams(loggers: Iterable[Logger], params: dict[str, Any], metrics: Iterable[str] = HPARAM_METRICS) -> None:
     for logger in loggers:
         logger.log_hyperparams(params)  # hparams.yaml / CSV; no placeholder metric (default_hp_metric=False)
         if isinstance(logger, TensorBoardLogger):
-            writer = logger.experiment._get_file_writer()
-            for summary in hparams(params, {m: float("nan") for m in metrics}):
-                writer.add_summary(summary)
-            writer.flush()
+            write_hparams_summary(logger.experiment, params, metrics)

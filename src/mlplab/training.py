@@ -87,6 +87,15 @@ def train(cfg: DictConfig) -> float | None:
 
     dm = build_datamodule(cfg.data)
     net = build_net(cfg.model, dm)
+    engine = cfg.get("engine", "lightning")
+    if engine == "ignite":
+        from mlplab.ignite_engine import fit_ignite
+
+        metrics = fit_ignite(cfg, dm, net)
+        _report(metrics, cfg)
+        return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+    if engine != "lightning":
+        raise ConfigError(f"engine={engine!r} is invalid; allowed: lightning, ignite")
     model = Classifier(
         net=net,
         num_classes=dm.num_classes,

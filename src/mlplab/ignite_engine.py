@@ -1,0 +1,110 @@
+"""The pytorch-ignite engine (``engine=ignite``): Lesson D's training loop on the project's configs.
+
+Same DataModule, net, optimizer, scheduler, seed and output layout as the Lightning
+engine; ignite's ``create_supervised_trainer`` / ``create_supervised_evaluator`` run the
+loop, ignite's ``TensorboardLogger`` writes the same scalar names (``train/loss``,
+``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_best``, ``test/loss``, ``test/acc``)
+against the global step, and ignite's ``Checkpoint`` keeps the best (by ``val/acc``) and
+last weights. The best weights are tested at the end, as with Lightning.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from ignite.engine import Engine, Events, create_supervised_evaluator, create_supervised_trainer
+from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
+from ignite.handlers.tensorboard_logger import TensorboardLogger
+from ignite.metrics import Accuracy, Loss
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mlplab.errors import ConfigError
+from mlplab.hparams import HPARAM_METRICS, flat_hparams, write_hparams_summary
+
+
+def _device(cfg: DictConfig) -> torch.device:
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default="auto")
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    if devices not in (1, "1", "auto") or OmegaConf.select(cfg, "trainer.strategy", default=None) not in (None, "auto"):
+        raise ConfigError(
+            f"engine=ignite runs on one device (trainer.devices={devices}); allowed: trainer=default|cpu|gpu"
+        )
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} but no GPU is visible; allowed: cpu, auto")
+    return torch.device("cuda")
+
+
+def fit_ignite(cfg: DictConfig, dm, net: nn.Module) -> dict[str, float]:
+    """Train ``net`` on ``dm`` with ignite; returns the final metrics (val/acc_best, test/acc, ...)."""
+    device = _device(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    max_epochs = int(cfg.trainer.max_epochs)
+    dm.prepare_data()
+    dm.setup("fit")
+    net = net.to(device)
+    optimizer = instantiate(cfg.optimizer)(params=net.parameters())
+    scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
+    criterion = nn.CrossEntropyLoss()
+
+    def metrics() -> dict:
+        return {"acc": Accuracy(), "loss": Loss(criterion)}
+
+    trainer = create_supervised_trainer(
+        net, optimizer, criterion, device=device,
+        output_transform=lambda x, y, y_pred, loss: (y_pred.detach(), y),
+    )
+    for name, metric in metrics().items():
+        metric.attach(trainer, name)
+    evaluator = create_supervised_evaluator(net, metrics=metrics(), device=device)
+    for engine in (trainer, evaluator):
+        engine.logger.setLevel(logging.WARNING)  # no "Engine run starting" per evaluation
+    best = {"val/acc_best": float("-inf")}
+
+    tb = TensorboardLogger(log_dir=str(out_dir / "tensorboard"))
+    write_hparams_summary(tb.writer, flat_hparams(cfg), HPARAM_METRICS)
+    step = global_step_from_engine(trainer, Events.ITERATION_COMPLETED)
+    tb.attach_output_handler(trainer, Events.EPOCH_COMPLETED, tag="train", metric_names=["loss", "acc"],
+                             global_step_transform=step)
+    tb.attach_output_handler(evaluator, Events.COMPLETED, tag="val", metric_names=["loss", "acc"],
+                             global_step_transform=step)
+
+    checkpoints = DiskSaver(str(out_dir / "checkpoints"), require_empty=True)
+    to_save = {"model": net, "optimizer": optimizer, "trainer": trainer}
+    best_ckpt = Checkpoint({"model": net}, checkpoints, filename_prefix="best", n_saved=1,
+                           score_function=lambda e: e.state.metrics["acc"], score_name="val_acc",
+                           global_step_transform=step)
+    last_ckpt = Checkpoint(to_save, checkpoints, filename_prefix="last", n_saved=1,
+                           global_step_transform=step)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def validate(engine: Engine) -> None:
+        evaluator.run(dm.val_dataloader())
+        best["val/acc_best"] = max(best["val/acc_best"], evaluator.state.metrics["acc"])
+        tb.writer.add_scalar("val/acc_best", best["val/acc_best"], engine.state.iteration)
+        best_ckpt(evaluator)
+        last_ckpt(engine)
+        if scheduler is not None:
+            scheduler.step()
+
+    trainer.run(dm.train_dataloader(), max_epochs=max_epochs)
+    result = {f"train/{k}": float(v) for k, v in trainer.state.metrics.items()}
+    result.update({f"val/{k}": float(v) for k, v in evaluator.state.metrics.items()})
+    result["val/acc_best"] = best["val/acc_best"]
+
+    if cfg.get("test", True):
+        Checkpoint.load_objects({"model": net}, torch.load(best_ckpt.last_checkpoint, map_location=device, weights_only=True))
+        dm.setup("test")
+        tester = create_supervised_evaluator(net, metrics=metrics(), device=device)
+        tester.logger.setLevel(logging.WARNING)
+        tester.run(dm.test_dataloader())
+        for k, v in tester.state.metrics.items():
+            result[f"test/{k}"] = float(v)
+            tb.writer.add_scalar(f"test/{k}", float(v), trainer.state.iteration)
+    tb.close()
+    return result
