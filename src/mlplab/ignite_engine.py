@@ -11,6 +11,7 @@ last weights. The best weights are tested at the end, as with Lightning.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -40,8 +41,11 @@ def _device(cfg: DictConfig) -> torch.device:
     return torch.device("cuda")
 
 
-def fit_ignite(cfg: DictConfig, dm, net: nn.Module) -> dict[str, float]:
-    """Train ``net`` on ``dm`` with ignite; returns the final metrics (val/acc_best, test/acc, ...)."""
+def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] | None = None) -> dict[str, float]:
+    """Train ``net`` on ``dm`` with ignite; returns the final metrics (val/acc_best, test/acc, ...).
+
+    ``epoch_seconds``, if given, receives each epoch's wall time (training + validation).
+    """
     device = _device(cfg)
     out_dir = Path(cfg.paths.output_dir)
     max_epochs = int(cfg.trainer.max_epochs)
@@ -82,6 +86,12 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module) -> dict[str, float]:
     last_ckpt = Checkpoint(to_save, checkpoints, filename_prefix="last", n_saved=1,
                            global_step_transform=step)
 
+    epoch_start = [0.0]
+
+    @trainer.on(Events.EPOCH_STARTED)
+    def start_clock(engine: Engine) -> None:
+        epoch_start[0] = time.perf_counter()
+
     @trainer.on(Events.EPOCH_COMPLETED)
     def validate(engine: Engine) -> None:
         evaluator.run(dm.val_dataloader())
@@ -91,6 +101,8 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module) -> dict[str, float]:
         last_ckpt(engine)
         if scheduler is not None:
             scheduler.step()
+        if epoch_seconds is not None:
+            epoch_seconds.append(time.perf_counter() - epoch_start[0])
 
     trainer.run(dm.train_dataloader(), max_epochs=max_epochs)
     result = {f"train/{k}": float(v) for k, v in trainer.state.metrics.items()}

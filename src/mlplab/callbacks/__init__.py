@@ -1,0 +1,5 @@
+"""Lightning callbacks of the project."""
+
+from mlplab.callbacks.timing import EpochTimer
+
+__all__ = ["EpochTimer"]
