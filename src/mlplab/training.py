@@ -86,6 +86,7 @@ def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = build_datamodule(cfg.data)
+    dm.check_available()
     net = build_net(cfg.model, dm)
     engine = cfg.get("engine", "lightning")
     if engine == "ignite":
@@ -152,6 +153,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if key in data_cfg:
             data_cfg[key] = value
     dm = build_datamodule(data_cfg)
+    dm.check_available()
     net = build_net(stored.model, dm)
     model = Classifier.load_from_checkpoint(ckpt_path, map_location="cpu", net=net, weights_only=True)
 

@@ -114,14 +114,22 @@ class TensorDataModule(L.LightningDataModule):
     def split_sizes(self, pool: int) -> tuple[int, int]:
         """(train, val) counts for a pool of ``pool`` samples; raises ConfigError if they do not fit."""
         val = resolve_size(self.val_size, pool)
+        if val >= pool:
+            raise ConfigError(
+                f"data.val_size={self.val_size} asks for {val} validation samples, but only {pool} are available "
+                f"for train+val; allowed: a count <= {pool - 1} or a fraction in (0, 1)"
+            )
         train = pool - val if self.train_size is None else resolve_size(self.train_size, pool)
-        if val >= pool or train < 1 or train + val > pool:
+        if train + val > pool:
             raise ConfigError(
                 f"data.train_size={self.train_size} and data.val_size={self.val_size} ask for "
                 f"{train} train + {val} val samples, but only {pool} are available for train+val; "
-                f"allowed: train + val <= {pool}, each >= 1"
+                f"allowed: train + val <= {pool}"
             )
         return train, val
+
+    def check_available(self) -> None:
+        """Raise :class:`~mlplab.errors.DataError` now if the data cannot be had (cheap, writes nothing)."""
 
     # -- Lightning hooks ------------------------------------------------------------------
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

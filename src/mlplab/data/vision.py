@@ -58,8 +58,19 @@ class TorchvisionIDXDataModule(TensorDataModule):
         names = [name for name, _md5 in self.dataset_cls.resources]
         return [n for n in names if not (raw / n).is_file() and not (raw / n.removesuffix(".gz")).is_file()]
 
-    def prepare_data(self) -> None:
+    def _missing_message(self, missing: list[str]) -> str:
         name = self.dataset_cls.__name__
+        return (
+            f"{name} files missing in {self.raw_folder}: {', '.join(missing)}; put them there "
+            f"(or set data.data_dir to a folder holding {name}/raw/, or data.download=true with network access)"
+        )
+
+    def check_available(self) -> None:
+        missing = self.missing_files()
+        if missing and not self.download:
+            raise DataError(self._missing_message(missing))
+
+    def prepare_data(self) -> None:
         missing = self.missing_files()
         if missing and self.download:
             try:
@@ -67,16 +78,10 @@ class TorchvisionIDXDataModule(TensorDataModule):
                     self.dataset_cls(self.data_dir, train=train, download=True)
             except Exception as err:  # no network, a mirror down, a read-only dir ...
                 first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise DataError(
-                    f"{name} files missing in {self.raw_folder} and the download failed ({first_line}): "
-                    f"put {', '.join(missing)} there (or set data.data_dir to a folder holding {name}/raw/)"
-                ) from None
+                raise DataError(f"{self._missing_message(missing)}; the download failed ({first_line})") from None
             missing = self.missing_files()
         if missing:
-            raise DataError(
-                f"{name} files missing in {self.raw_folder}: {', '.join(missing)}; put them there "
-                f"(or set data.data_dir to a folder holding {name}/raw/, or data.download=true with network access)"
-            )
+            raise DataError(self._missing_message(missing))
         for archive, _md5 in self.dataset_cls.resources:
             gz, plain = self.raw_folder / archive, self.raw_folder / archive.removesuffix(".gz")
             if not plain.is_file():

@@ -1,0 +1,322 @@
+"""Every config group option composes with Hydra's compose API, and what can be built on a CPU is built."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import OmegaConf
+
+from conftest import CONF, compose_cfg
+from mlplab.config import validate_train_config, validate_trainer
+from mlplab.data import DigitsDataModule, FashionMNISTDataModule, MNISTDataModule
+from mlplab.models import MLP, SigmoidNet, SimpleNet
+from mlplab.training import _instantiate_group, build_datamodule, build_net
+
+
+def _options(group: str) -> set[str]:
+    return {p.stem for p in (CONF / group).glob("*.yaml")}
+
+
+def test_groups_listed_here_are_all_the_groups_there_are():
+    # If someone adds an option, the parametrised tests below must learn about it.
+    assert _options("data") == {"digits", "mnist", "fashion_mnist"}
+    assert _options("model") == {"simple_net", "sigmoid_net", "relu_mlp"}
+    assert _options("optimizer") == {"sgd"}
+    assert _options("scheduler") == {"none", "cosine"}
+    assert _options("trainer") == {"default", "cpu", "gpu", "ddp", "ddp_cpu"}
+    assert _options("logger") == {"tensorboard", "csv", "many_loggers", "none"}
+    assert _options("callbacks") == {"default", "early_stopping", "none"}
+    assert _options("debug") == {"fdr", "overfit"}
+    assert _options("experiment") == {"lesson_d_fashion"}
+
+
+def test_default_train_config(tmp_path):
+    cfg = compose_cfg([], tmp_path)
+    assert cfg.data._target_ == "mlplab.data.DigitsDataModule"
+    assert cfg.model._target_ == "mlplab.models.MLP"
+    assert list(cfg.model.hidden_sizes) == [256, 128]
+    assert cfg.optimizer._target_ == "torch.optim.SGD"
+    assert cfg.optimizer.lr == 0.05 and cfg.optimizer.momentum == 0.9
+    assert not cfg.scheduler  # empty: train() builds no scheduler
+    assert cfg.trainer.accelerator == "auto" and cfg.trainer.devices == 1 and cfg.trainer.max_epochs == 10
+    assert set(cfg.logger) == {"tensorboard"}
+    assert set(cfg.callbacks) == {"model_checkpoint", "progress_bar"}
+    assert cfg.engine == "lightning"
+    assert cfg.seed == 42 and cfg.ckpt_path is None and cfg.test is True
+    assert cfg.optimized_metric == "val/acc_best"
+    assert cfg.paths.output_dir == str(tmp_path)
+    validate_train_config(cfg)
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "cls", "batch", "val_size", "mean", "std", "input_dim"),
+    [
+        ("digits", DigitsDataModule, 32, 0.1, 0.0, 1.0, 64),
+        ("mnist", MNISTDataModule, 128, 5000, 0.0, 1.0, 784),
+        ("fashion_mnist", FashionMNISTDataModule, 128, 5000, 0.5, 0.5, 784),
+    ],
+)
+def test_data_options_build_datamodules(tmp_path, monkeypatch, option, cls, batch, val_size, mean, std, input_dim):
+    monkeypatch.setenv("MLPLAB_DATA_DIR", str(tmp_path / "datasets"))
+    cfg = compose_cfg([f"data={option}"], tmp_path / "out")
+    dm = build_datamodule(cfg.data)
+    assert type(dm) is cls
+    assert dm.batch_size == batch
+    assert dm.eval_batch_size == max(batch, 1000)
+    assert dm.val_size == val_size and dm.train_size is None and dm.split_seed == 42
+    assert (dm.mean, dm.std) == (mean, std)
+    assert dm.input_dim == input_dim and dm.num_classes == 10
+    assert dm.data_train is None  # constructing does not load data
+    if option != "digits":
+        assert dm.data_dir == str(tmp_path / "datasets")  # ${paths.data_dir} <- MLPLAB_DATA_DIR
+        assert dm.download is True
+        assert not (tmp_path / "datasets").exists()
+
+
+def test_fashion_class_names_and_normalisation(tmp_path):
+    cfg = compose_cfg(["data=fashion_mnist"], tmp_path)
+    assert cfg.data.mean == 0.5 and cfg.data.std == 0.5
+    dm = build_datamodule(cfg.data)
+    assert dm.class_names[0] == "T-shirt/top" and dm.class_names[-1] == "Ankle boot"
+
+
+# -- model + optimizer + scheduler ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "cls", "n_linear", "hidden"),
+    [
+        ("simple_net", "digits", SimpleNet, 2, [120]),
+        ("simple_net", "mnist", SimpleNet, 2, [120]),
+        ("sigmoid_net", "digits", SigmoidNet, 2, [120]),
+        ("sigmoid_net", "fashion_mnist", SigmoidNet, 2, [120]),
+        ("relu_mlp", "digits", MLP, 3, [256, 128]),
+        ("relu_mlp", "mnist", MLP, 3, [256, 128]),
+    ],
+)
+def test_model_options_build_nets_sized_from_the_data(tmp_path, model, data, cls, n_linear, hidden):
+    cfg = compose_cfg([f"model={model}", f"data={data}"], tmp_path)
+    dm = build_datamodule(cfg.data)
+    net = build_net(cfg.model, dm)
+    assert type(net) is cls
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == n_linear
+    assert linears[0].in_features == dm.input_dim
+    assert [lin.out_features for lin in linears[:-1]] == hidden
+    assert linears[-1].out_features == 10
+    out = net(torch.zeros(3, *dm.input_shape))
+    assert out.shape == (3, 10)
+
+
+@pytest.mark.parametrize("overrides", [[], ["optimizer.lr=0.2", "optimizer.momentum=0.0", "optimizer.weight_decay=0.001"]])
+def test_sgd_partial_applies_to_a_nets_parameters(tmp_path, overrides):
+    cfg = compose_cfg(["optimizer=sgd", *overrides], tmp_path)
+    dm = build_datamodule(cfg.data)
+    net = build_net(cfg.model, dm)
+    factory = instantiate(cfg.optimizer)
+    opt = factory(params=net.parameters())
+    assert isinstance(opt, torch.optim.SGD)
+    group = opt.param_groups[0]
+    assert group["lr"] == cfg.optimizer.lr
+    assert group["momentum"] == cfg.optimizer.momentum
+    assert group["weight_decay"] == cfg.optimizer.weight_decay
+    assert group["nesterov"] is False
+    assert sum(p.numel() for p in group["params"]) == sum(p.numel() for p in net.parameters())
+
+
+def test_scheduler_none_is_empty(tmp_path):
+    cfg = compose_cfg(["scheduler=none"], tmp_path)
+    assert OmegaConf.to_container(cfg.scheduler) == {}  # train() passes scheduler=None for a falsy group
+
+
+@pytest.mark.parametrize("epochs", [10, 7])
+def test_scheduler_cosine_anneals_over_max_epochs(tmp_path, epochs):
+    cfg = compose_cfg(["scheduler=cosine", f"trainer.max_epochs={epochs}"], tmp_path)
+    assert cfg.scheduler.T_max == epochs
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = instantiate(cfg.scheduler)(opt)
+    assert isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR)
+    assert sched.T_max == epochs
+    for _ in range(epochs):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+# -- trainer ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "strategy_cls", "num_devices"),
+    [("default", "SingleDeviceStrategy", 1), ("cpu", "SingleDeviceStrategy", 1), ("ddp_cpu", "DDPStrategy", 2)],
+)
+def test_cpu_trainers_instantiate(tmp_path, option, strategy_cls, num_devices):
+    cfg = compose_cfg([f"trainer={option}", "logger=none", "callbacks=none"], tmp_path)
+    validate_trainer(cfg)
+    assert cfg.trainer.max_epochs == 10 and cfg.trainer.min_epochs == 1
+    if option == "ddp_cpu":
+        assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 2 and cfg.trainer.strategy == "ddp"
+        assert cfg.trainer.num_nodes == 1
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
+    assert isinstance(trainer, L.Trainer)
+    assert type(trainer.strategy).__name__ == strategy_cls
+    assert trainer.num_devices == num_devices
+    assert trainer.max_epochs == 10
+    assert trainer.default_root_dir == str(tmp_path)
+    if option != "default":  # default is 'auto': the CPU here, a GPU elsewhere
+        assert trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        ("gpu", {"accelerator": "gpu", "devices": 1}),
+        ("ddp", {"accelerator": "gpu", "devices": -1, "strategy": "ddp", "num_nodes": 1, "sync_batchnorm": False}),
+    ],
+)
+def test_gpu_trainers_compose(tmp_path, option, expected):
+    cfg = compose_cfg([f"trainer={option}"], tmp_path)
+    for key, value in expected.items():
+        assert cfg.trainer[key] == value, key
+    # inherited from trainer/default
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    assert cfg.trainer.max_epochs == 10
+    assert cfg.trainer.default_root_dir == str(tmp_path)
+    validate_trainer(cfg)  # devices -1 ("all") is valid
+
+
+# -- logger / callbacks ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "types"),
+    [
+        ("tensorboard", [TensorBoardLogger]),
+        ("csv", [CSVLogger]),
+        ("many_loggers", [TensorBoardLogger, CSVLogger]),
+        ("none", []),
+    ],
+)
+def test_logger_options(tmp_path, option, types):
+    cfg = compose_cfg([f"logger={option}"], tmp_path)
+    loggers = _instantiate_group(cfg.get("logger"))
+    assert sorted(type(lg).__name__ for lg in loggers) == sorted(t.__name__ for t in types)
+    for lg in loggers:
+        assert lg.save_dir == str(tmp_path)
+    names = {type(lg): lg.name for lg in loggers}
+    if TensorBoardLogger in names:
+        assert names[TensorBoardLogger] == "tensorboard"
+        assert cfg.logger.tensorboard.default_hp_metric is False
+    if CSVLogger in names:
+        assert names[CSVLogger] == "csv"
+
+
+@pytest.mark.parametrize(
+    ("option", "types"),
+    [
+        ("default", [ModelCheckpoint, TQDMProgressBar]),
+        ("early_stopping", [ModelCheckpoint, TQDMProgressBar, EarlyStopping]),
+        ("none", []),
+    ],
+)
+def test_callback_options(tmp_path, option, types):
+    cfg = compose_cfg([f"callbacks={option}"], tmp_path)
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    assert sorted(type(c).__name__ for c in callbacks) == sorted(t.__name__ for t in types)
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint):
+            assert cb.dirpath == str(tmp_path / "checkpoints")
+            assert cb.monitor == "val/acc" and cb.mode == "max" and cb.save_last is True and cb.save_top_k == 1
+        if isinstance(cb, EarlyStopping):
+            assert cb.monitor == "val/acc" and cb.mode == "max" and cb.patience == 3
+        if isinstance(cb, TQDMProgressBar):
+            assert cb.refresh_rate == 20
+
+
+# -- debug / experiment ------------------------------------------------------------------------
+
+
+def test_debug_fdr(tmp_path):
+    cfg = compose_cfg(["debug=fdr", "trainer=cpu"], tmp_path)
+    assert cfg.trainer.fast_dev_run is True
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
+    assert trainer.fast_dev_run is True
+    assert trainer.limit_train_batches == 1 and trainer.limit_val_batches == 1 and trainer.limit_test_batches == 1
+
+
+def test_debug_overfit(tmp_path):
+    cfg = compose_cfg(["debug=overfit", "trainer=cpu"], tmp_path)
+    assert cfg.trainer.overfit_batches == 3 and cfg.trainer.max_epochs == 30
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
+    assert trainer.overfit_batches == 3 and trainer.max_epochs == 30
+
+
+def test_experiment_lesson_d_fashion(tmp_path):
+    cfg = compose_cfg(["experiment=lesson_d_fashion"], tmp_path)
+    assert cfg.data._target_ == "mlplab.data.FashionMNISTDataModule"
+    assert cfg.model._target_ == "mlplab.models.SimpleNet"
+    assert cfg.data.train_size == 10000 and cfg.data.val_size == 1000 and cfg.data.batch_size == 512
+    assert cfg.data.mean == 0.5 and cfg.data.std == 0.5
+    assert cfg.optimizer.lr == 0.001 and cfg.optimizer.momentum == 0.9
+    assert cfg.trainer.max_epochs == 5
+    validate_train_config(cfg)
+    dm = build_datamodule(cfg.data)
+    assert dm.split_sizes(60_000) == (10_000, 1_000)
+    net = build_net(cfg.model, dm)
+    assert isinstance(net, SimpleNet)
+    opt = instantiate(cfg.optimizer)(params=net.parameters())
+    assert opt.param_groups[0]["lr"] == 0.001
+
+
+def test_experiment_model_can_be_overridden_on_the_command_line(tmp_path):
+    cfg = compose_cfg(["experiment=lesson_d_fashion", "model=relu_mlp"], tmp_path)
+    assert cfg.model._target_ == "mlplab.models.MLP"
+    assert cfg.data.train_size == 10000
+
+
+# -- eval ------------------------------------------------------------------------------------
+
+
+def test_eval_config_composes(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLPLAB_DATA_DIR", str(tmp_path / "datasets"))
+    ckpt = tmp_path / "some.ckpt"
+    cfg = compose_cfg([f"ckpt_path={ckpt}"], tmp_path / "out", config_name="eval")
+    assert cfg.task_name == "eval"
+    assert cfg.ckpt_path == str(ckpt)
+    assert cfg.data.data_dir == str(tmp_path / "datasets")
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer" and cfg.trainer.devices == 1
+    assert set(cfg.logger) == {"tensorboard"}
+    assert "model" not in cfg and "optimizer" not in cfg  # those come from the checkpoint
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    validate_trainer(cfg)
+
+
+def test_eval_config_requires_ckpt_path(tmp_path):
+    cfg = compose_cfg([], tmp_path, config_name="eval")
+    assert OmegaConf.is_missing(cfg, "ckpt_path")
+
+
+def test_every_train_config_resolves(tmp_path):
+    # The full cross product is large; one config per option of every group, all resolved.
+    for group, options in [
+        ("data", ["digits", "mnist", "fashion_mnist"]),
+        ("model", ["simple_net", "sigmoid_net", "relu_mlp"]),
+        ("scheduler", ["none", "cosine"]),
+        ("trainer", ["default", "cpu", "gpu", "ddp", "ddp_cpu"]),
+        ("logger", ["tensorboard", "csv", "many_loggers", "none"]),
+        ("callbacks", ["default", "early_stopping", "none"]),
+        ("debug", ["fdr", "overfit"]),
+        ("experiment", ["lesson_d_fashion"]),
+    ]:
+        for option in options:
+            cfg = compose_cfg([f"{group}={option}"], tmp_path)
+            container = OmegaConf.to_container(cfg, resolve=True)
+            assert container["paths"]["output_dir"] == str(tmp_path), (group, option)
+            validate_train_config(cfg)

@@ -1,0 +1,185 @@
+"""Nets, the Classifier, and every model x dataset trained a few batches through train()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from conftest import QUICK, compose_cfg, write_tiny_mnist
+from mlplab.errors import ConfigError
+from mlplab.models import MLP, Classifier, SigmoidNet, SimpleNet
+from mlplab.training import train
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny matmuls gain nothing from intra-op threads; on a shared 2-core machine two
+    threads per process oversubscribe the cores and make training ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _linears(net: nn.Module) -> list[nn.Linear]:
+    return [m for m in net.modules() if isinstance(m, nn.Linear)]
+
+
+def _is_affine(net: nn.Module, input_dim: int) -> bool:
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(5, input_dim), torch.randn(5, input_dim)
+    a = 0.3
+    with torch.no_grad():
+        lhs = net(a * x1 + (1 - a) * x2)
+        rhs = a * net(x1) + (1 - a) * net(x2)
+    return torch.allclose(lhs, rhs, atol=1e-5)
+
+
+# -- nets ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("input_shape", [(1, 8, 8), (1, 28, 28)])
+@pytest.mark.parametrize("make", [lambda d: SimpleNet(d, 10), lambda d: SigmoidNet(d, 10), lambda d: MLP(d, 10)])
+def test_output_shapes(input_shape, make):
+    input_dim = int(torch.Size(input_shape).numel())
+    assert input_dim in (64, 784)
+    net = make(input_dim)
+    out = net(torch.rand(7, *input_shape))
+    assert out.shape == (7, 10)
+    assert _linears(net)[0].in_features == input_dim
+
+
+def test_simple_net_is_two_linear_layers_and_affine():
+    net = SimpleNet(64, 10, hidden_size=20)
+    lins = _linears(net)
+    assert [(lin.in_features, lin.out_features) for lin in lins] == [(64, 20), (20, 10)]
+    assert not any(isinstance(m, (nn.ReLU, nn.Sigmoid, nn.Tanh)) for m in net.modules())
+    assert _is_affine(net, 64)
+    # the check above can fail: nets with an activation are not affine
+    assert not _is_affine(SigmoidNet(64, 10, hidden_size=20), 64)
+    assert not _is_affine(MLP(64, 10, hidden_sizes=[20]), 64)
+
+
+def test_sigmoid_net_outputs_in_unit_interval():
+    net = SigmoidNet(784, 10, hidden_size=30)
+    assert [(lin.in_features, lin.out_features) for lin in _linears(net)] == [(784, 30), (30, 10)]
+    torch.manual_seed(0)
+    out = net(torch.randn(64, 1, 28, 28) * 10)
+    assert out.min() > 0 and out.max() < 1
+    assert isinstance(list(net.modules())[-1], nn.Sigmoid)
+
+
+@pytest.mark.parametrize(
+    ("hidden_sizes", "activation", "act_cls"),
+    [([256, 128], "relu", nn.ReLU), ([64, 32, 16], "tanh", nn.Tanh), ([5], "sigmoid", nn.Sigmoid), ([8, 8], "identity", nn.Identity)],
+)
+def test_mlp_depth_width_activation(hidden_sizes, activation, act_cls):
+    net = MLP(64, 10, hidden_sizes=hidden_sizes, activation=activation)
+    dims = [64, *hidden_sizes, 10]
+    assert [(lin.in_features, lin.out_features) for lin in _linears(net)] == list(zip(dims[:-1], dims[1:]))
+    acts = [m for m in net.modules() if isinstance(m, act_cls)]
+    assert len(acts) == len(hidden_sizes)
+    # no activation after the output layer: logits
+    assert isinstance(net.layers[-1], nn.Linear)
+
+
+def test_mlp_from_hydra_config_list():
+    # Hydra passes hidden_sizes as a ListConfig
+    net = instantiate({"_target_": "mlplab.models.MLP", "hidden_sizes": [12, 6]}, input_dim=64, num_classes=10)
+    assert [lin.out_features for lin in _linears(net)] == [12, 6, 10]
+
+
+@pytest.mark.parametrize(("hidden_sizes", "key"), [([], "model.hidden_sizes="), ([0], "model.hidden_sizes[0]=0"), ([-3], "model.hidden_sizes[0]=-3"), ([4, 0], "model.hidden_sizes[1]=0")])
+def test_mlp_bad_hidden_sizes(hidden_sizes, key):
+    with pytest.raises(ConfigError) as info:
+        MLP(64, 10, hidden_sizes=hidden_sizes)
+    assert key in str(info.value) and "allowed" in str(info.value)
+
+
+def test_unknown_activation():
+    with pytest.raises(ConfigError) as info:
+        MLP(64, 10, activation="swish")
+    msg = str(info.value)
+    assert "model.activation='swish'" in msg and "relu" in msg and "sigmoid" in msg
+
+
+@pytest.mark.parametrize("cls", [SimpleNet, SigmoidNet])
+def test_bad_hidden_size(cls):
+    with pytest.raises(ConfigError, match="model.hidden_size=0"):
+        cls(64, 10, hidden_size=0)
+
+
+# -- Classifier ----------------------------------------------------------------------------------
+
+
+def test_one_optimisation_step_lowers_the_loss():
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    model = Classifier(
+        net=MLP(64, 10, hidden_sizes=[32]),
+        num_classes=10,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )
+    opt = model.configure_optimizers()
+    assert isinstance(opt, torch.optim.SGD)
+    before = model.criterion(model(x), y)
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = model.criterion(model(x), y)
+    assert after.item() < before.item()
+
+
+def test_classifier_with_scheduler_and_without_optimizer():
+    model = Classifier(
+        net=SimpleNet(64, 10),
+        num_classes=10,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1),
+    )
+    conf = model.configure_optimizers()
+    assert isinstance(conf["optimizer"], torch.optim.SGD)
+    assert isinstance(conf["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+    with pytest.raises(RuntimeError, match="without an optimizer"):
+        Classifier(net=SimpleNet(64, 10), num_classes=10).configure_optimizers()
+
+
+def test_digits_relu_mlp_learns(tmp_path):
+    cfg = compose_cfg(QUICK + ["trainer.max_epochs=5", "optimized_metric=train/acc", "logger=none", "test=false"], tmp_path)
+    train_acc = train(cfg)
+    assert isinstance(train_acc, float) and train_acc > 0.9
+
+
+# -- every model x dataset through train() -------------------------------------------------------
+
+FEW_BATCHES = [
+    "+trainer.limit_train_batches=3",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "trainer.log_every_n_steps=1",
+]
+
+
+@pytest.mark.parametrize("data", ["digits", "mnist", "fashion_mnist"])
+@pytest.mark.parametrize("model", ["simple_net", "sigmoid_net", "relu_mlp"])
+def test_every_model_trains_on_every_dataset(tmp_path, model, data):
+    overrides = QUICK + FEW_BATCHES + [f"model={model}", f"data={data}", "logger=csv"]
+    if data != "digits":
+        folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[data]
+        write_tiny_mnist(tmp_path / "datasets", folder=folder)
+        overrides += [f"data.data_dir={tmp_path / 'datasets'}", "data.val_size=10", "data.download=false", "data.batch_size=16"]
+    out = tmp_path / "run"
+    cfg = compose_cfg(overrides, out)
+    metric = train(cfg)
+    assert isinstance(metric, float) and 0.0 <= metric <= 1.0
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["epoch_000.ckpt", "last.ckpt"]
+    # the checkpoint holds the run's config (eval rebuilds data and net from it)
+    stored = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]["config"]
+    assert stored["model"]["_target_"] == cfg.model._target_ and stored["data"]["_target_"] == cfg.data._target_
+    # the CSV logger wrote validation and test metrics under the output dir
+    metrics_csv = (out / "csv" / "metrics.csv").read_text()
+    assert "val/acc" in metrics_csv and "test/acc" in metrics_csv
