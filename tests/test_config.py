@@ -41,7 +41,7 @@ def test_default_train_config(tmp_path):
     assert list(cfg.model.hidden_sizes) == [256, 128]
     assert cfg.optimizer._target_ == "torch.optim.SGD"
     assert cfg.optimizer.lr == 0.05 and cfg.optimizer.momentum == 0.9
-    assert not cfg.scheduler  # empty: train() builds no scheduler
+    assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.CosineAnnealingLR" and cfg.scheduler.T_max == 10
     assert cfg.trainer.accelerator == "auto" and cfg.trainer.devices == 1 and cfg.trainer.max_epochs == 10
     assert set(cfg.logger) == {"tensorboard"}
     assert set(cfg.callbacks) == {"model_checkpoint", "progress_bar"}
