@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose_cfg
+from conftest import CONF, QUICK, compose_cfg
 from mlplab.config import validate_train_config, validate_trainer
 from mlplab.data import DigitsDataModule, FashionMNISTDataModule, MNISTDataModule
 from mlplab.models import MLP, SigmoidNet, SimpleNet
@@ -26,12 +26,12 @@ def test_groups_listed_here_are_all_the_groups_there_are():
     assert _options("data") == {"digits", "mnist", "fashion_mnist"}
     assert _options("model") == {"simple_net", "sigmoid_net", "relu_mlp"}
     assert _options("optimizer") == {"sgd"}
-    assert _options("scheduler") == {"none", "cosine"}
+    assert _options("scheduler") == {"none", "cosine", "onecycle"}
     assert _options("trainer") == {"default", "cpu", "gpu", "ddp", "ddp_cpu"}
     assert _options("logger") == {"tensorboard", "csv", "many_loggers", "none"}
     assert _options("callbacks") == {"default", "early_stopping", "none"}
     assert _options("debug") == {"fdr", "overfit"}
-    assert _options("experiment") == {"lesson_d_fashion"}
+    assert _options("experiment") == {"lesson_d_fashion", "mnist_fast"}
 
 
 def test_default_train_config(tmp_path):
@@ -266,6 +266,7 @@ def test_experiment_lesson_d_fashion(tmp_path):
     assert cfg.data.mean == 0.5 and cfg.data.std == 0.5
     assert cfg.optimizer.lr == 0.001 and cfg.optimizer.momentum == 0.9
     assert cfg.trainer.max_epochs == 5
+    assert not cfg.scheduler  # the lesson uses a constant lr
     validate_train_config(cfg)
     dm = build_datamodule(cfg.data)
     assert dm.split_sizes(60_000) == (10_000, 1_000)
@@ -273,6 +274,33 @@ def test_experiment_lesson_d_fashion(tmp_path):
     assert isinstance(net, SimpleNet)
     opt = instantiate(cfg.optimizer)(params=net.parameters())
     assert opt.param_groups[0]["lr"] == 0.001
+
+
+def test_experiment_mnist_fast(tmp_path):
+    cfg = compose_cfg(["experiment=mnist_fast"], tmp_path)
+    validate_train_config(cfg)
+    dm = build_datamodule(cfg.data)
+    net = build_net(cfg.model, dm)
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 512), (512, 512), (512, 10)]
+    assert [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)] == [0.2, 0.2]
+    assert cfg.optimizer.nesterov is True and cfg.scheduler._target_.endswith("OneCycleLR")
+
+
+def test_onecycle_gets_total_steps_and_steps_per_batch(tmp_path):
+    from mlplab.models.classifier import Classifier
+
+    cfg = compose_cfg(QUICK + ["scheduler=onecycle", "trainer.max_epochs=2", "optimizer.lr=0.2"], tmp_path)
+    dm = build_datamodule(cfg.data)
+    model = Classifier(build_net(cfg.model, dm), dm.num_classes, instantiate(cfg.optimizer), instantiate(cfg.scheduler))
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    trainer.fit(model, datamodule=dm)
+    sched = trainer.lr_scheduler_configs[0]
+    assert sched.interval == "step"
+    steps = trainer.global_step
+    assert steps == 2 * len(dm.train_dataloader()) and sched.scheduler.total_steps == steps
+    # one full cycle over the run: it ends below 0.1 % of max_lr (= optimizer.lr)
+    assert sched.scheduler.optimizer.param_groups[0]["lr"] < 0.2 * 1e-3
 
 
 def test_experiment_model_can_be_overridden_on_the_command_line(tmp_path):
@@ -308,12 +336,12 @@ def test_every_train_config_resolves(tmp_path):
     for group, options in [
         ("data", ["digits", "mnist", "fashion_mnist"]),
         ("model", ["simple_net", "sigmoid_net", "relu_mlp"]),
-        ("scheduler", ["none", "cosine"]),
+        ("scheduler", ["none", "cosine", "onecycle"]),
         ("trainer", ["default", "cpu", "gpu", "ddp", "ddp_cpu"]),
         ("logger", ["tensorboard", "csv", "many_loggers", "none"]),
         ("callbacks", ["default", "early_stopping", "none"]),
         ("debug", ["fdr", "overfit"]),
-        ("experiment", ["lesson_d_fashion"]),
+        ("experiment", ["lesson_d_fashion", "mnist_fast"]),
     ]:
         for option in options:
             cfg = compose_cfg([f"{group}={option}"], tmp_path)

@@ -98,6 +98,24 @@ def test_mlp_bad_hidden_sizes(hidden_sizes, key):
     assert key in str(info.value) and "allowed" in str(info.value)
 
 
+def test_mlp_dropout_after_each_hidden_layer_only_in_training():
+    net = MLP(64, 10, hidden_sizes=[32, 16], dropout=0.5)
+    assert [m.p for m in net.modules() if isinstance(m, nn.Dropout)] == [0.5, 0.5]
+    x = torch.rand(8, 1, 8, 8)
+    net.eval()
+    assert torch.equal(net(x), net(x))  # no dropout at eval
+    net.train()
+    torch.manual_seed(0)
+    assert not torch.equal(net(x), net(x))
+    assert not any(isinstance(m, nn.Dropout) for m in MLP(64, 10, dropout=0.0).modules())
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
+def test_mlp_bad_dropout(p):
+    with pytest.raises(ConfigError, match=f"model.dropout={p}"):
+        MLP(64, 10, dropout=p)
+
+
 def test_unknown_activation():
     with pytest.raises(ConfigError) as info:
         MLP(64, 10, activation="swish")

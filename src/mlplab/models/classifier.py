@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import lightning as L
@@ -24,7 +25,8 @@ class Classifier(L.LightningModule):
         net: any ``nn.Module`` mapping a batch of inputs to ``num_classes`` logits.
         num_classes: number of classes.
         optimizer: ``params -> Optimizer`` (Hydra ``_partial_: true`` config).
-        scheduler: optional ``optimizer -> LRScheduler``, stepped once per epoch.
+        scheduler: optional ``optimizer -> LRScheduler``, stepped once per epoch; one that takes
+            ``total_steps`` (``OneCycleLR``) gets the run's step count and steps every batch.
         config: the run's resolved config, stored in every checkpoint so that ``eval.py``
             can rebuild data and net from the checkpoint alone.
     """
@@ -96,4 +98,19 @@ class Classifier(L.LightningModule):
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
+        if _takes_total_steps(self.scheduler_factory):
+            # One-cycle style schedules span the whole run and step after every batch.
+            scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+
+
+def _takes_total_steps(factory: Callable) -> bool:
+    """A scheduler factory that wants ``total_steps`` (e.g. ``OneCycleLR``) and was not given one."""
+    keywords = getattr(factory, "keywords", {}) or {}
+    target = getattr(factory, "func", factory)
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    return "total_steps" in params and keywords.get("total_steps") is None

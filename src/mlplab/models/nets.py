@@ -11,7 +11,7 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from mlplab.errors import ConfigError
-from mlplab.validation import positive_int
+from mlplab.validation import non_negative_number, positive_int
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -60,7 +60,8 @@ class SigmoidNet(nn.Module):
 
 
 class MLP(nn.Module):
-    """A fully connected net of any depth and width: ``hidden_sizes`` and an activation."""
+    """A fully connected net of any depth and width: ``hidden_sizes``, an activation, and
+    optional dropout after every hidden layer."""
 
     def __init__(
         self,
@@ -68,6 +69,7 @@ class MLP(nn.Module):
         num_classes: int,
         hidden_sizes: Sequence[int] = (256, 128),
         activation: str = "relu",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         sizes = list(hidden_sizes) if isinstance(hidden_sizes, Sequence) and not isinstance(hidden_sizes, str) else None
@@ -81,9 +83,12 @@ class MLP(nn.Module):
             raise ConfigError(
                 f"model.activation={activation!r} is invalid; allowed: {', '.join(sorted(ACTIVATIONS))}"
             )
+        dropout = non_negative_number("model.dropout", dropout, below=1.0)
         layers: list[nn.Module] = [nn.Flatten()]
         for fan_in, fan_out in zip([input_dim, *sizes[:-1]], sizes):
             layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
         layers.append(nn.Linear(sizes[-1], num_classes))
         self.layers = nn.Sequential(*layers)
 
