@@ -1,0 +1,25 @@
+"""The benchmark is not a test; this runs it tiny so that it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_benchmark_smoke(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_training.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    engines = {r["engine"] for r in result["results"]}
+    assert engines == {"bare", "mlplab", "ignite", "torchvision"}
+    for r in result["results"]:
+        assert len(r["epoch_seconds"]) == 2 and all(s > 0 for s in r["epoch_seconds"])
+        assert r["median_s"] == r["epoch_seconds"][1] and r["peak_rss_mb"] > 0
+    table = (tmp_path / "bench.md").read_text()
+    assert "| simple_net | 64 |" in table and "mlplab / bare" in table
