@@ -12,12 +12,12 @@ import pytest
 import torch
 from lightning.pytorch.utilities.data import _update_dataloader
 from sklearn.datasets import load_digits
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torchvision.datasets import MNIST
 
 from conftest import RAW_NAMES, write_tiny_mnist
-from mlplab.data import DigitsDataModule, FashionMNISTDataModule, MNISTDataModule, split_indices
+from mlplab.data import BatchSliceSampler, DigitsDataModule, FashionMNISTDataModule, MNISTDataModule, split_indices
 from mlplab.errors import DataError
 
 N_DIGITS = 1797
@@ -170,7 +170,11 @@ def test_eval_loaders_are_in_order():
     assert torch.equal(torch.cat([b[0] for b in val]), dm.data_val.tensors[0])
     test = list(dm.test_dataloader())
     assert torch.equal(torch.cat([b[1] for b in test]), dm.data_test.tensors[1])
-    assert isinstance(dm.val_dataloader().sampler, SequentialSampler)
+    sampler = dm.val_dataloader().sampler
+    assert isinstance(sampler, BatchSliceSampler) and not sampler.shuffle
+    # evaluation batches are views of the stored tensors: no copy at all
+    first_x, _ = next(iter(dm.val_dataloader()))
+    assert first_x.untyped_storage().data_ptr() == dm.data_val.tensors[0].untyped_storage().data_ptr()
     # default eval batch: max(batch_size, 1000) -> one batch for digits' val set
     assert dm.eval_batch_size == 50 and _digits().eval_batch_size == 1000
 
@@ -178,40 +182,48 @@ def test_eval_loaders_are_in_order():
 def test_shuffle_is_reproducible_under_a_seed(digits_default):
     dm = digits_default
 
-    def epoch_labels(seed: int) -> torch.Tensor:
+    def epoch_labels(seed: int, epoch: int = 0) -> torch.Tensor:
         torch.manual_seed(seed)
-        return torch.cat([y for _, y in dm.train_dataloader()])
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return torch.cat([y for _, y in loader])
 
     first, again, other = epoch_labels(123), epoch_labels(123), epoch_labels(124)
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     assert not torch.equal(first, dm.data_train.tensors[1])  # it is shuffled
     assert sorted(first.tolist()) == sorted(other.tolist())
+    # a new order every epoch, the same for the same (seed, epoch)
+    assert not torch.equal(epoch_labels(123, epoch=1), first)
+    assert torch.equal(epoch_labels(123, epoch=1), epoch_labels(123, epoch=1))
+    loader = dm.train_dataloader()  # without set_epoch the epoch counts up by itself
+    assert not torch.equal(torch.cat([y for _, y in loader]), torch.cat([y for _, y in loader]))
 
 
-def test_train_loader_is_standard_and_lightning_can_swap_the_sampler(digits_default):
+def test_train_loader_is_standard_and_lightning_shards_it(digits_default):
     dm = digits_default
     loader = dm.train_dataloader()
-    assert type(loader) is DataLoader
-    assert isinstance(loader.sampler, RandomSampler)
-    assert isinstance(loader.batch_sampler, BatchSampler) and loader.batch_sampler.batch_size == 32
-    assert loader.batch_sampler.drop_last is False
-    assert loader.num_workers == 0
+    assert type(loader) is DataLoader and loader.num_workers == 0
+    assert isinstance(loader.sampler, BatchSliceSampler) and loader.sampler.shuffle
+    assert loader.batch_size is None and len(loader) == math.ceil(len(dm.data_train) / 32)
 
-    # What Lightning does under DDP: rebuild the loader around a DistributedSampler.
+    # What Lightning does under DDP: rebuild the loader around its DistributedSamplerWrapper.
     n = len(dm.data_train)
     seen = []
     for rank in range(2):
-        sampler = DistributedSampler(dm.data_train, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        torch.manual_seed(7)  # every rank runs with the same seed
+        loader = dm.train_dataloader()
+        sampler = DistributedSamplerWrapper(loader.sampler, num_replicas=2, rank=rank, shuffle=False)
         dist_loader = _update_dataloader(loader, sampler)
         assert dist_loader.sampler is sampler
         batches = list(dist_loader)
-        assert all(x.shape[1:] == (1, 8, 8) for x, _ in batches)
-        ys = torch.cat([y for _, y in batches])
-        assert len(ys) == math.ceil(n / 2)
+        assert len(batches) == math.ceil(len(loader) / 2)
+        assert all(x.shape[1:] == (1, 8, 8) and len(x) <= 32 for x, _ in batches)
         seen.append(torch.cat([x for x, _ in batches]))
     both = torch.cat(seen)
-    assert len(_rows(both, torch.zeros(len(both), dtype=torch.long))) == n  # together: every sample
+    # the ranks' shares are disjoint and together cover every sample (one batch may repeat as padding)
+    assert len(_rows(both, torch.zeros(len(both), dtype=torch.long))) == n
+    assert len(both) - n <= 32
 
 
 # -- MNIST / Fashion-MNIST from IDX files ------------------------------------------------------------
@@ -365,3 +377,17 @@ def test_real_fashion_mnist(real_data_dir):
     assert (len(lesson.data_train), len(lesson.data_val), len(lesson.data_test)) == (10_000, 1_000, 10_000)
     assert torch.equal(lesson.data_test.tensors[0], dm.data_test.tensors[0])
     assert not (_rows(*lesson.data_train.tensors).keys() & _rows(*lesson.data_val.tensors).keys())
+
+
+def test_setup_moves_the_data_to_the_trainers_device_once():
+    # No GPU here: a stand-in trainer whose root device is "meta" shows where setup puts the data.
+    from types import SimpleNamespace
+
+    dm = DigitsDataModule()
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    dm.setup("fit")
+    for ds in (dm.data_train, dm.data_val, dm.data_test):
+        assert ds.device.type == "meta" and all(t.device.type == "meta" for t in ds.tensors)
+    cpu = DigitsDataModule()
+    cpu.setup("fit")  # no trainer: stays on the CPU
+    assert cpu.data_train.device.type == "cpu"

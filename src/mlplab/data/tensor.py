@@ -1,48 +1,101 @@
 """The shared data path: whole splits as tensors, batches by tensor indexing.
 
 A dataset is loaded once, converted to float and normalised once, split with a seeded
-``torch.Generator`` and served through a standard :class:`~torch.utils.data.DataLoader`.
-:class:`BatchTensorDataset` implements ``__getitems__``, so the DataLoader's fetcher asks
-for a whole batch of indices at once: one gather per batch, no per-sample Python, no PIL,
-no worker processes. Because the DataLoader is a standard one with a standard sampler,
-Lightning can still swap in a ``DistributedSampler`` under DDP.
+``torch.Generator`` and served through a standard :class:`~torch.utils.data.DataLoader`
+whose sampler, :class:`BatchSliceSampler`, yields one ``slice`` of positions per batch.
+:class:`BatchTensorDataset` turns a slice into a batch with one gather through its
+current order (a permutation redrawn each epoch for training) -- or, for evaluation, a
+zero-copy view. No per-sample Python, no PIL, no worker processes. On a GPU the tensors
+are moved to the device once, in ``setup``, and the permutation is drawn there too, so
+a training step copies nothing from the host.
+
+Under DDP Lightning wraps the sampler in its ``DistributedSamplerWrapper``, which hands
+each rank a disjoint share of the batches; every rank draws the same permutation (same
+seed, same epoch), so the shares partition the data.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Iterator, Sequence
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mlplab.errors import ConfigError
 from mlplab.validation import positive_int, resolve_size, size_or_fraction
 
 
 class BatchTensorDataset(Dataset):
-    """Tensors sharing their first dimension; indexable by one index or a batch of them."""
+    """Tensors sharing their first dimension, indexable by a sample, a slice or a batch of indices.
+
+    ``order`` (a permutation, or None for the stored order) maps slice positions to rows:
+    ``ds[slice(0, 64)]`` is the first 64 rows *in that order*, gathered at once.
+    """
 
     def __init__(self, *tensors: Tensor) -> None:
         if not tensors or any(t.size(0) != tensors[0].size(0) for t in tensors):
             raise ValueError("BatchTensorDataset needs tensors with the same first dimension")
         self.tensors = tensors
+        self.order: Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors[0].device
+
+    def to(self, device: torch.device | str) -> "BatchTensorDataset":
+        """Move the tensors (once); returns self."""
+        self.tensors = tuple(t.to(device) for t in self.tensors)
+        self.order = None if self.order is None else self.order.to(device)
+        return self
 
     def __len__(self) -> int:
         return self.tensors[0].size(0)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+    def __getitem__(self, index: int | slice) -> tuple[Tensor, ...]:
+        if isinstance(index, slice) and self.order is not None:
+            index = self.order[index]
         return tuple(t[index] for t in self.tensors)
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, ...]:
-        idx = torch.as_tensor(indices, device=self.tensors[0].device)
+        """A batch for any standard (batch) sampler: one gather."""
+        idx = torch.as_tensor(indices, device=self.device)
+        if self.order is not None:
+            idx = self.order[idx]
         return tuple(t[idx] for t in self.tensors)
 
 
-def collate_batch(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """``__getitems__`` already returns the collated batch; pass it through."""
-    return batch
+class BatchSliceSampler(Sampler[slice]):
+    """One ``slice(start, stop)`` of positions per batch, in order; the last may be short.
+
+    With ``shuffle``, each epoch first draws a new ``order`` for the dataset on the
+    dataset's device, seeded by ``seed + epoch``: reproducible, and the same on every
+    DDP rank. Lightning calls :meth:`set_epoch`; without it the epoch counts up by itself.
+    """
+
+    def __init__(self, dataset: BatchTensorDataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def __iter__(self) -> Iterator[slice]:
+        n = len(self.dataset)
+        if self.shuffle:
+            gen = torch.Generator(device=self.dataset.device).manual_seed(self.seed + self.epoch)
+            self.dataset.order = torch.randperm(n, generator=gen, device=self.dataset.device)
+            self.epoch += 1
+        for start in range(0, n, self.batch_size):
+            yield slice(start, min(start + self.batch_size, n))
 
 
 def split_indices(
@@ -144,11 +197,17 @@ class TensorDataModule(L.LightningDataModule):
         self.data_train = BatchTensorDataset(x_pool[train_idx], y_pool[train_idx])
         self.data_val = BatchTensorDataset(x_pool[val_idx], y_pool[val_idx])
         self.data_test = BatchTensorDataset(x_test, y_test)
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if device.type != "cpu":  # the whole dataset lives on the accelerator, moved once
+            for ds in (self.data_train, self.data_val, self.data_test):
+                ds.to(device)
 
     def _loader(self, dataset: BatchTensorDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_batch)
+        # torch.initial_seed() is the run's seed (seed_everything), the same on every rank.
+        sampler = BatchSliceSampler(dataset, batch_size, shuffle=shuffle, seed=torch.initial_seed())
+        return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=_as_is)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.data_train, self.batch_size, shuffle=True)
@@ -161,6 +220,11 @@ class TensorDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+
+def _as_is(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The dataset already returns a whole batch."""
+    return batch
 
 
 def normalise(x: Tensor, mean: float, std: float) -> Tensor:

@@ -47,10 +47,15 @@ class Classifier(L.LightningModule):
         self.scheduler_factory = scheduler
         self.criterion = nn.CrossEntropyLoss()
 
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # No per-step input validation or NaN checks: each would cost a host sync per step.
+        def accuracy() -> MulticlassAccuracy:
+            return MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+
+        def mean() -> MeanMetric:
+            return MeanMetric(nan_strategy="disable")
+
+        self.train_acc, self.val_acc, self.test_acc = accuracy(), accuracy(), accuracy()
+        self.train_loss, self.val_loss, self.test_loss = mean(), mean(), mean()
         self.val_acc_best = MaxMetric()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -60,34 +65,42 @@ class Classifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.criterion(logits, y)
-        # Weighted by batch size: the epoch value is the exact mean over samples.
+        # Accumulated on the device; weighted by batch size, so the epoch value is the exact
+        # mean over samples. Nothing is logged (and nothing synced) until the epoch ends.
         loss_metric.update(loss.detach(), weight=y.numel())
         acc_metric.update(logits.detach(), y)
         return loss
+
+    def _log_epoch(self, stage: str, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy) -> Tensor:
+        """Log ``<stage>/loss`` and ``<stage>/acc`` (computed across ranks), reset, return the accuracy."""
+        loss, acc = loss_metric.compute(), acc_metric.compute()
+        loss_metric.reset()
+        acc_metric.reset()
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc}, prog_bar=stage != "test", sync_dist=True)
+        return acc
 
     def on_train_start(self) -> None:
         # The sanity check's validation batches must not count towards the best accuracy.
         self.val_acc_best.reset()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._step(batch, self.train_loss, self.train_acc)
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return self._step(batch, self.train_loss, self.train_acc)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train", self.train_loss, self.train_acc)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, self.val_loss, self.val_acc)
-        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
-        self.val_acc_best(self.val_acc.compute())  # compute() is synced across ranks
+        self.val_acc_best(self._log_epoch("val", self.val_loss, self.val_acc))
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, self.test_loss, self.test_acc)
-        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
-        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test", self.test_loss, self.test_acc)
 
     def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         return self(batch[0]).argmax(dim=1)
