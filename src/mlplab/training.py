@@ -109,14 +109,17 @@ def train(cfg: DictConfig) -> float | None:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log_hparams(loggers, flat_hparams(cfg))
 
-    trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    # torch.compile on the LightningModule: Lightning unwraps it for checkpoints, so they
+    # load into an uncompiled net (eval.py) as usual.
+    fit_model = torch.compile(model) if cfg.get("compile", False) else model
+    trainer.fit(fit_model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     metrics = _as_floats(trainer.callback_metrics)
 
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("no best checkpoint (checkpointing off?): testing the last weights")
-        trainer.test(model, datamodule=dm, ckpt_path=best or None, verbose=False)
+        trainer.test(fit_model, datamodule=dm, ckpt_path=best or None, verbose=False)
         metrics.update(_as_floats(trainer.callback_metrics))
 
     _report(metrics, cfg)
