@@ -226,7 +226,7 @@ def test_eval_reproduces_train_test_accuracy(digits_runs: dict) -> None:
     _check_ok(proc)
     [(eval_acc, eval_dir)] = _summaries(proc.stdout)
     assert eval_acc == train_acc
-    assert eval_dir.relative_to(eval_log_dir).parts[0] == "runs"
+    assert eval_dir.relative_to(eval_log_dir).parts[0] == "eval"  # logs/eval/<date>/<time>_<uid>
 
     train_tb = _scalars(_accumulator(run_dir / "tensorboard"))
     eval_ea = _accumulator(eval_dir / "tensorboard")

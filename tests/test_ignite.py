@@ -44,3 +44,14 @@ def test_ignite_refuses_multi_device(tmp_path):
 def test_unknown_engine(tmp_path):
     with pytest.raises(ConfigError, match="engine='keras' is invalid; allowed: lightning, ignite"):
         train(compose_cfg([*QUICK, "engine=keras"], tmp_path))
+
+
+@pytest.mark.slow
+def test_compiled_run_checkpoints_load_uncompiled(tmp_path):
+    """compile=true: torch.compile'd training; the best checkpoint evaluates in an uncompiled net."""
+    from mlplab.training import evaluate
+
+    acc = train(compose_cfg([*QUICK, "trainer.max_epochs=2", "compile=true", "optimized_metric=test/acc"], tmp_path / "run"))
+    best = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
+    eval_cfg = compose_cfg([f"ckpt_path={best}", "trainer=cpu"], tmp_path / "eval", config_name="eval")
+    assert evaluate(eval_cfg)["test/acc"] == pytest.approx(acc, abs=1e-6)
