@@ -21,23 +21,25 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
-class SimpleNet(nn.Module):
-    """Lesson D's SimpleNet: in -> hidden -> classes, two linear layers, no activation."""
+class _LayerStack(nn.Module):
+    """A net that is one ``nn.Sequential``, ``self.layers`` (flatten first)."""
 
-    def __init__(self, input_dim: int, num_classes: int, hidden_size: int = 120) -> None:
-        super().__init__()
-        hidden_size = positive_int("model.hidden_size", hidden_size)
-        self.layers = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(input_dim, hidden_size),
-            nn.Linear(hidden_size, num_classes),
-        )
+    layers: nn.Sequential
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
 
 
-class SigmoidNet(nn.Module):
+class SimpleNet(_LayerStack):
+    """Lesson D's SimpleNet: in -> hidden -> classes, two linear layers, no activation."""
+
+    def __init__(self, input_dim: int, num_classes: int, hidden_size: int = 120) -> None:
+        super().__init__()
+        hidden_size = positive_int("model.hidden_size", hidden_size)
+        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(input_dim, hidden_size), nn.Linear(hidden_size, num_classes))
+
+
+class SigmoidNet(_LayerStack):
     """Lesson D's SigmoidNet: a sigmoid after *both* layers, the output too.
 
     Cross-entropy is then taken on outputs squashed into (0, 1) -- faithful to the lesson,
@@ -55,11 +57,8 @@ class SigmoidNet(nn.Module):
             nn.Sigmoid(),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
 
-
-class MLP(nn.Module):
+class MLP(_LayerStack):
     """A fully connected net of any depth and width: ``hidden_sizes``, an activation, and
     optional dropout after every hidden layer."""
 
@@ -91,6 +90,3 @@ class MLP(nn.Module):
                 layers.append(nn.Dropout(dropout))
         layers.append(nn.Linear(sizes[-1], num_classes))
         self.layers = nn.Sequential(*layers)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
