@@ -201,3 +201,20 @@ def test_every_model_trains_on_every_dataset(tmp_path, model, data):
     # the CSV logger wrote validation and test metrics under the output dir
     metrics_csv = (out / "csv" / "metrics.csv").read_text()
     assert "val/acc" in metrics_csv and "test/acc" in metrics_csv
+
+
+def test_lean_accuracy_equals_torchmetrics():
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from mlplab.models.metrics import Accuracy
+
+    torch.manual_seed(0)
+    ours, reference = Accuracy(), MulticlassAccuracy(10, average="micro")
+    for n in (64, 64, 17):  # uneven last batch
+        logits, target = torch.randn(n, 10), torch.randint(0, 10, (n,))
+        ours.update(logits, target)
+        reference.update(logits, target)
+    assert ours.compute().item() == pytest.approx(reference.compute().item(), abs=1e-7)
+    assert ours.total.item() == 145
+    ours.reset()
+    assert ours.correct.item() == 0 and ours.total.item() == 0

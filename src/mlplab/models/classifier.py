@@ -9,7 +9,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+
+from mlplab.models.metrics import Accuracy
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -47,21 +48,15 @@ class Classifier(L.LightningModule):
         self.scheduler_factory = scheduler
         self.criterion = nn.CrossEntropyLoss()
 
-        # No per-step input validation or NaN checks: each would cost a host sync per step.
-        def accuracy() -> MulticlassAccuracy:
-            return MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-
-        def mean() -> MeanMetric:
-            return MeanMetric(nan_strategy="disable")
-
-        self.train_acc, self.val_acc, self.test_acc = accuracy(), accuracy(), accuracy()
-        self.train_loss, self.val_loss, self.test_loss = mean(), mean(), mean()
+        # Lean per-step metrics: no input validation or NaN checks (each a host sync).
+        self.train_acc, self.val_acc, self.test_acc = Accuracy(), Accuracy(), Accuracy()
+        self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
         self.val_acc_best = MaxMetric()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def _step(self, batch: tuple[Tensor, Tensor], loss_metric: MeanMetric, acc_metric: MulticlassAccuracy) -> Tensor:
+    def _step(self, batch: tuple[Tensor, Tensor], loss_metric: MeanMetric, acc_metric: Accuracy) -> Tensor:
         x, y = batch
         logits = self(x)
         loss = self.criterion(logits, y)
@@ -71,7 +66,7 @@ class Classifier(L.LightningModule):
         acc_metric.update(logits.detach(), y)
         return loss
 
-    def _log_epoch(self, stage: str, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy) -> Tensor:
+    def _log_epoch(self, stage: str, loss_metric: MeanMetric, acc_metric: Accuracy) -> Tensor:
         """Log ``<stage>/loss`` and ``<stage>/acc`` (computed across ranks), reset, return the accuracy."""
         loss, acc = loss_metric.compute(), acc_metric.compute()
         loss_metric.reset()
