@@ -68,3 +68,11 @@ def test_real_data_accuracy_targets(tmp_path: Path, real_data_dir: Path, data: s
     acc = _test_acc(tmp_path, f"data={data}", f"model={model}", f"data.data_dir={real_data_dir}", "data.download=false")
     print(f"{data} {model}: test/acc={acc:.4f} (target {target})")
     assert acc >= target
+
+
+@pytest.mark.slow
+# fashion_fast's goal is 0.90; it reaches 0.896 so far (README), and this guards that.
+@pytest.mark.parametrize(("preset", "target"), [("mnist_fast", 0.985), ("fashion_fast", 0.89)])
+def test_time_to_accuracy_presets(real_data_dir, tmp_path, preset, target):
+    """The speed presets reach their stated test accuracy (their wall time is in the README)."""
+    assert _test_acc(tmp_path, f"experiment={preset}", "trainer=cpu", f"data.data_dir={real_data_dir}") >= target

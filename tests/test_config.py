@@ -31,7 +31,7 @@ def test_groups_listed_here_are_all_the_groups_there_are():
     assert _options("logger") == {"tensorboard", "csv", "many_loggers", "none"}
     assert _options("callbacks") == {"default", "early_stopping", "none"}
     assert _options("debug") == {"fdr", "overfit"}
-    assert _options("experiment") == {"lesson_d_fashion", "mnist_fast"}
+    assert _options("experiment") == {"lesson_d_fashion", "mnist_fast", "fashion_fast"}
 
 
 def test_default_train_config(tmp_path):
@@ -276,8 +276,9 @@ def test_experiment_lesson_d_fashion(tmp_path):
     assert opt.param_groups[0]["lr"] == 0.001
 
 
-def test_experiment_mnist_fast(tmp_path):
-    cfg = compose_cfg(["experiment=mnist_fast"], tmp_path)
+@pytest.mark.parametrize("preset", ["mnist_fast", "fashion_fast"])
+def test_experiment_fast_presets(tmp_path, preset):
+    cfg = compose_cfg([f"experiment={preset}"], tmp_path)
     validate_train_config(cfg)
     dm = build_datamodule(cfg.data)
     net = build_net(cfg.model, dm)
@@ -341,7 +342,7 @@ def test_every_train_config_resolves(tmp_path):
         ("logger", ["tensorboard", "csv", "many_loggers", "none"]),
         ("callbacks", ["default", "early_stopping", "none"]),
         ("debug", ["fdr", "overfit"]),
-        ("experiment", ["lesson_d_fashion", "mnist_fast"]),
+        ("experiment", ["lesson_d_fashion", "mnist_fast", "fashion_fast"]),
     ]:
         for option in options:
             cfg = compose_cfg([f"{group}={option}"], tmp_path)
