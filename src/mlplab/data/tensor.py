@@ -29,10 +29,11 @@ from mlplab.validation import positive_int, resolve_size, size_or_fraction
 
 
 class BatchTensorDataset(Dataset):
-    """Tensors sharing their first dimension, indexable by a sample, a slice or a batch of indices.
+    """Tensors sharing their first dimension, indexed by a row or by a slice of positions.
 
     ``order`` (a permutation, or None for the stored order) maps slice positions to rows:
-    ``ds[slice(0, 64)]`` is the first 64 rows *in that order*, gathered at once.
+    ``ds[0:64]`` is the first 64 rows *in that order*, gathered at once (a zero-copy view
+    when ``order`` is None). An integer index is a stored row.
     """
 
     def __init__(self, *tensors: Tensor) -> None:
@@ -58,13 +59,6 @@ class BatchTensorDataset(Dataset):
         if isinstance(index, slice) and self.order is not None:
             index = self.order[index]
         return tuple(t[index] for t in self.tensors)
-
-    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, ...]:
-        """A batch for any standard (batch) sampler: one gather."""
-        idx = torch.as_tensor(indices, device=self.device)
-        if self.order is not None:
-            idx = self.order[idx]
-        return tuple(t[idx] for t in self.tensors)
 
 
 class BatchSliceSampler(Sampler[slice]):
