@@ -55,3 +55,10 @@ def test_compiled_run_checkpoints_load_uncompiled(tmp_path):
     best = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
     eval_cfg = compose_cfg([f"ckpt_path={best}", "trainer=cpu"], tmp_path / "eval", config_name="eval")
     assert evaluate(eval_cfg)["test/acc"] == pytest.approx(acc, abs=1e-6)
+
+
+def test_ignite_onecycle_steps_per_batch(tmp_path):
+    """The same scheduler configs work in both engines (one-cycle: total_steps from the run)."""
+    acc = train(compose_cfg([*QUICK, "engine=ignite", "scheduler=onecycle", "trainer.max_epochs=2",
+                             "optimized_metric=test/acc"], tmp_path))
+    assert acc > 0.8

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mlplab.errors import ConfigError
+from mlplab.models.classifier import build_scheduler
 from mlplab.hparams import HPARAM_METRICS, flat_hparams, write_hparams_summary
 
 
@@ -53,7 +54,10 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
     dm.setup("fit")
     net = net.to(device)
     optimizer = instantiate(cfg.optimizer)(params=net.parameters())
-    scheduler = instantiate(cfg.scheduler)(optimizer) if cfg.get("scheduler") else None
+    scheduler, interval = None, "epoch"
+    if cfg.get("scheduler"):
+        steps = max_epochs * len(dm.train_dataloader())
+        scheduler, interval = build_scheduler(instantiate(cfg.scheduler), optimizer, steps)
     criterion = nn.CrossEntropyLoss()
 
     def metrics() -> dict:
@@ -86,6 +90,8 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
     last_ckpt = Checkpoint(to_save, checkpoints, filename_prefix="last", n_saved=1,
                            global_step_transform=step)
 
+    if scheduler is not None and interval == "step":
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
     epoch_start = [0.0]
 
     @trainer.on(Events.EPOCH_STARTED)
@@ -99,7 +105,7 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
         tb.writer.add_scalar("val/acc_best", best["val/acc_best"], engine.state.iteration)
         best_ckpt(evaluator)
         last_ckpt(engine)
-        if scheduler is not None:
+        if scheduler is not None and interval == "epoch":
             scheduler.step()
         if epoch_seconds is not None:
             epoch_seconds.append(time.perf_counter() - epoch_start[0])

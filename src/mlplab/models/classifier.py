@@ -106,19 +106,21 @@ class Classifier(L.LightningModule):
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        if _takes_total_steps(self.scheduler_factory):
-            # One-cycle style schedules span the whole run and step after every batch.
-            scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+        scheduler, interval = build_scheduler(self.scheduler_factory, optimizer, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
 
-def _takes_total_steps(factory: Callable) -> bool:
-    """A scheduler factory that wants ``total_steps`` (e.g. ``OneCycleLR``) and was not given one."""
+def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, total_steps: int) -> tuple[Any, str]:
+    """The scheduler and how often to step it: ``"step"`` or ``"epoch"``.
+
+    A schedule that takes ``total_steps`` (``OneCycleLR``) and was not given one spans the
+    whole run and steps after every batch; any other steps once per epoch.
+    """
     keywords = getattr(factory, "keywords", {}) or {}
-    target = getattr(factory, "func", factory)
     try:
-        params = inspect.signature(target).parameters
+        params = inspect.signature(getattr(factory, "func", factory)).parameters
     except (TypeError, ValueError):
-        return False
-    return "total_steps" in params and keywords.get("total_steps") is None
+        params = {}
+    if "total_steps" in params and keywords.get("total_steps") is None:
+        return factory(optimizer, total_steps=total_steps), "step"
+    return factory(optimizer), "epoch"
