@@ -57,7 +57,7 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
     scheduler, interval = None, "epoch"
     if cfg.get("scheduler"):
         steps = max_epochs * len(dm.train_dataloader())
-        scheduler, interval = build_scheduler(instantiate(cfg.scheduler), optimizer, steps)
+        scheduler, interval = build_scheduler(instantiate(cfg.scheduler), optimizer, total_steps=lambda: steps)
     criterion = nn.CrossEntropyLoss()
 
     def metrics() -> dict:

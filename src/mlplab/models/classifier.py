@@ -106,15 +106,20 @@ class Classifier(L.LightningModule):
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler, interval = build_scheduler(self.scheduler_factory, optimizer, int(self.trainer.estimated_stepping_batches))
+        scheduler, interval = build_scheduler(
+            self.scheduler_factory, optimizer, total_steps=lambda: int(self.trainer.estimated_stepping_batches)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
 
-def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, total_steps: int) -> tuple[Any, str]:
+def build_scheduler(
+    factory: Callable, optimizer: torch.optim.Optimizer, total_steps: Callable[[], int]
+) -> tuple[Any, str]:
     """The scheduler and how often to step it: ``"step"`` or ``"epoch"``.
 
     A schedule that takes ``total_steps`` (``OneCycleLR``) and was not given one spans the
-    whole run and steps after every batch; any other steps once per epoch.
+    whole run (``total_steps()``, asked only then) and steps after every batch; any other
+    steps once per epoch.
     """
     keywords = getattr(factory, "keywords", {}) or {}
     try:
@@ -122,5 +127,5 @@ def build_scheduler(factory: Callable, optimizer: torch.optim.Optimizer, total_s
     except (TypeError, ValueError):
         params = {}
     if "total_steps" in params and keywords.get("total_steps") is None:
-        return factory(optimizer, total_steps=total_steps), "step"
+        return factory(optimizer, total_steps=total_steps()), "step"
     return factory(optimizer), "epoch"
