@@ -17,10 +17,6 @@ from mlplab.errors import CheckpointError, ConfigError
 from mlplab.validation import int_in, non_negative_number, positive_int, positive_number
 
 
-def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
-    return OmegaConf.select(cfg, key, default=default)
-
-
 def validate_optimizer(cfg: DictConfig) -> None:
     opt = cfg.get("optimizer")
     if opt is None:
@@ -89,7 +85,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     allowed = ("val/acc_best", "val/acc", "val/loss", "test/acc", "test/loss", "train/acc", "train/loss")
     if metric is not None and metric not in allowed:
         raise ConfigError(f"optimized_metric={metric!r} is invalid; allowed: {', '.join(allowed)} or null")
-    out = _get(cfg, "paths.output_dir")
+    out = OmegaConf.select(cfg, "paths.output_dir", default=None)
     if out is not None and cfg.get("ckpt_path") is None and (Path(out) / "checkpoints").is_dir() and any((Path(out) / "checkpoints").iterdir()):
         raise ConfigError(
             f"paths.output_dir={out} already holds checkpoints of an earlier run; allowed: a new output dir "
