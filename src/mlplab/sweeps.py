@@ -1,0 +1,284 @@
+"""Sweeps that compare themselves: one table, one plot, one answer per multirun.
+
+At the end of every multirun (``python src/train.py -m ...``) the Hydra callback
+:class:`SweepSummary` reads each job's ``run.json`` (:mod:`mlplab.runs`, written by every
+job whichever launcher ran it) and writes into the sweep dir:
+
+- ``summary.csv``: one row per job: job dir, status, error, metrics, epochs, wall time,
+  overrides, output dir;
+- ``summary.md``: the same as a Markdown table, with the overrides the jobs share shown
+  once above it and the best job named below it;
+- ``summary.png``: the chosen metric per job, as bars (failed jobs marked).
+
+The table is printed at the end of the sweep, and the multirun exits with code 1 if any
+job failed or left no record (the summary is written either way). ``python -m
+mlplab.sweeps SWEEP_DIR`` rewrites the summary of any sweep dir (e.g. one stopped by
+``fail_fast=true``, or a SLURM sweep whose jobs are still running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from mlplab.runs import RUN_FILE, read_run_record
+
+SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
+#: Metrics every summary shows; the chosen metric is added when it is another one.
+SHOWN_METRICS = ("val/acc_best", "test/acc")
+NO_RECORD = "no run.json: the job was killed or is still running"
+EXIT_JOBS_FAILED = 1
+_UNSAFE = re.compile(r"[^\w.,=+\-\[\]@%]+")
+_MAX_NAME = 120
+
+
+def job_dirname(num: Any, overrides: str = "") -> str:
+    """``<num>_<overrides>``: a readable, unique, filesystem-safe job dir name.
+
+    ``overrides`` is Hydra's ``hydra.job.override_dirname`` (``model=simple_net,optimizer.lr=0.1``);
+    characters that are unsafe in a file name (``/``, spaces, quotes, ``:`` ...) become
+    ``_`` and the name is cut to 120 characters. The job number keeps names unique.
+    """
+    safe = _UNSAFE.sub("_", str(overrides)).strip("._-")[:_MAX_NAME]
+    return f"{num}_{safe}" if safe else str(num)
+
+
+@dataclass
+class JobRow:
+    """One job of a sweep, as the summary shows it."""
+
+    job: str
+    status: str
+    error: str | None
+    metrics: dict[str, float]
+    epochs: int | None
+    wall_s: float | None
+    overrides: list[str]
+    output_dir: str
+    label: str = field(default="")
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def _job_number(path: Path) -> tuple[int, str]:
+    head = path.name.split("_", 1)[0]
+    return (int(head), path.name) if head.isdigit() else (sys.maxsize, path.name)
+
+
+def find_job_dirs(sweep_dir: Path) -> list[Path]:
+    """Every job dir of a sweep: a subdir holding Hydra's ``.hydra/`` or a ``run.json``, in job order."""
+    dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and ((p / ".hydra").is_dir() or (p / RUN_FILE).is_file())]
+    return sorted(dirs, key=_job_number)
+
+
+def _hydra_overrides(job_dir: Path) -> list[str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    try:
+        return [str(o) for o in OmegaConf.load(path)]
+    except Exception:  # missing or unreadable: the row still shows the job
+        return []
+
+
+def read_job(job_dir: Path) -> JobRow:
+    """A job's row from its ``run.json``; a job without one is ``unknown``, never dropped."""
+    record = read_run_record(job_dir)
+    if record is None:
+        return JobRow(job_dir.name, "unknown", NO_RECORD, {}, None, None, _hydra_overrides(job_dir), str(job_dir))
+    metrics = {k: float(v) for k, v in (record.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    epochs = record.get("epochs")
+    wall = record.get("wall_s")
+    return JobRow(
+        job=job_dir.name,
+        status=str(record.get("status") or "unknown"),
+        error=record.get("error"),
+        metrics=metrics,
+        epochs=None if epochs is None else int(epochs),
+        wall_s=None if wall is None else float(wall),
+        overrides=[str(o) for o in record.get("overrides") or _hydra_overrides(job_dir)],
+        output_dir=str(record.get("output_dir") or job_dir),
+    )
+
+
+@dataclass
+class Summary:
+    """A sweep's jobs and what they share; :meth:`best` is the answer."""
+
+    sweep_dir: Path
+    metric: str
+    rows: list[JobRow]
+    common: list[str]
+
+    @property
+    def metrics(self) -> list[str]:
+        return [*SHOWN_METRICS, *([self.metric] if self.metric not in SHOWN_METRICS else [])]
+
+    @property
+    def failed(self) -> list[JobRow]:
+        return [r for r in self.rows if not r.ok]
+
+    def best(self) -> JobRow | None:
+        """The ok job with the highest ``metric`` (losses: the lowest)."""
+        scored = [r for r in self.rows if r.ok and math.isfinite(r.metrics.get(self.metric, math.nan))]
+        if not scored:
+            return None
+        pick = min if "loss" in self.metric else max
+        return pick(scored, key=lambda r: r.metrics[self.metric])
+
+
+def collect(sweep_dir: str | Path, metric: str = "val/acc_best") -> Summary:
+    """Read every job of ``sweep_dir``; label each by the overrides that differ between jobs."""
+    sweep_dir = Path(sweep_dir)
+    rows = [read_job(d) for d in find_job_dirs(sweep_dir)]
+    common = [o for o in rows[0].overrides if all(o in r.overrides for r in rows)] if len(rows) > 1 else []
+    for row in rows:
+        row.label = " ".join(o for o in row.overrides if o not in common) or row.job
+    return Summary(sweep_dir, metric, rows, common)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(summary: Summary) -> str:
+    """The summary as Markdown: shared overrides, the table, the best job."""
+    lines = [f"# Sweep {summary.sweep_dir.name}", ""]
+    lines.append(f"{len(summary.rows)} jobs, {len(summary.rows) - len(summary.failed)} ok, {len(summary.failed)} failed; "
+                 f"metric: `{summary.metric}`.")
+    if summary.common:
+        lines.append(f"Every job: `{' '.join(summary.common)}`.")
+    lines.append("")
+    header = ["job", "overrides", "status", *summary.metrics, "epochs", "wall (s)", "error"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    best = summary.best()
+    for row in summary.rows:
+        cells = [
+            row.job,
+            f"`{row.label}`",
+            ("**ok** (best)" if row is best else row.status),
+            *(_fmt(row.metrics.get(m)) for m in summary.metrics),
+            "" if row.epochs is None else str(row.epochs),
+            _fmt(row.wall_s, 1),
+            row.error or "",
+        ]
+        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    lines.append("")
+    if best is not None:
+        lines.append(f"Best by `{summary.metric}`: job `{best.job}` (`{best.label}`), "
+                     f"{summary.metric}={_fmt(best.metrics[summary.metric])}.")
+    else:
+        lines.append(f"No job finished with `{summary.metric}`.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_csv(summary: Summary, path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["job", "status", "error", *summary.metrics, "epochs", "wall_s", "overrides", "output_dir"])
+        for row in summary.rows:
+            writer.writerow([
+                row.job,
+                row.status,
+                row.error or "",
+                *(_fmt(row.metrics.get(m), 6) for m in summary.metrics),
+                "" if row.epochs is None else row.epochs,
+                _fmt(row.wall_s, 3),
+                " ".join(row.overrides),
+                row.output_dir,
+            ])
+
+
+def plot(summary: Summary, path: Path) -> None:
+    """Horizontal bars: ``metric`` per job (top to bottom in job order); failed jobs marked in red."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    rows = summary.rows
+    fig = Figure(figsize=(8, 1.2 + 0.4 * max(len(rows), 1)), layout="constrained")
+    ax = fig.add_subplot()
+    y = list(range(len(rows)))[::-1]
+    values = [r.metrics.get(summary.metric, math.nan) if r.ok else math.nan for r in rows]
+    shown = [v if math.isfinite(v) else 0.0 for v in values]
+    best = summary.best()
+    colors = ["tab:green" if r is best else "tab:blue" for r in rows]
+    ax.barh(y, shown, color=colors)
+    for yi, row, value in zip(y, rows, values):
+        if math.isfinite(value):
+            ax.text(value, yi, f" {value:.4f}", va="center", fontsize=8)
+        else:
+            ax.text(0, yi, f" {row.status}", va="center", color="tab:red", fontsize=8)
+    ax.set_yticks(y, [r.label if len(r.label) <= 60 else r.label[:57] + "..." for r in rows], fontsize=8)
+    finite = [v for v in values if math.isfinite(v)]
+    ax.set_xlim(0, max([1.0, *finite]) * 1.12 if "acc" in summary.metric else max([1e-9, *finite]) * 1.25)
+    ax.set_xlabel(summary.metric)
+    ax.set_title(f"{summary.metric} per job: sweep {summary.sweep_dir.name}", fontsize=10)
+    fig.savefig(path, dpi=100)
+
+
+def write_summary(sweep_dir: str | Path, metric: str = "val/acc_best") -> Summary:
+    """Write ``summary.csv``, ``summary.md`` and ``summary.png`` into ``sweep_dir``; returns the summary."""
+    summary = collect(sweep_dir, metric)
+    write_csv(summary, summary.sweep_dir / "summary.csv")
+    (summary.sweep_dir / "summary.md").write_text(markdown(summary))
+    plot(summary, summary.sweep_dir / "summary.png")
+    return summary
+
+
+def report(summary: Summary) -> str:
+    """What the sweep prints at its end: the Markdown table and where the files are."""
+    files = ", ".join(str(summary.sweep_dir / name) for name in SUMMARY_FILES)
+    return f"{markdown(summary)}Summary: {files}\n"
+
+
+class SweepSummary(Callback):
+    """Hydra callback (``hydra.callbacks.sweep_summary``): summarise every multirun at its end.
+
+    ``metric`` is the one compared (default: the run's ``optimized_metric``);
+    ``exit_on_failure``: exit with code 1 after the summary if any job failed.
+    """
+
+    def __init__(self, metric: str = "val/acc_best", exit_on_failure: bool = True) -> None:
+        self.metric = metric
+        self.exit_on_failure = exit_on_failure
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not sweep_dir.is_dir():  # no job ever started
+            return
+        summary = write_summary(sweep_dir, self.metric)
+        print(report(summary), flush=True)
+        if summary.failed and self.exit_on_failure:
+            print(f"{len(summary.failed)} of {len(summary.rows)} jobs failed (see the table above)", file=sys.stderr, flush=True)
+            sys.exit(EXIT_JOBS_FAILED)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlplab.sweeps", description="(Re)write the summary of a sweep dir.")
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--metric", default="val/acc_best", help="the metric compared (default: val/acc_best)")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"error: sweep_dir={args.sweep_dir} is invalid; allowed: an existing sweep dir", file=sys.stderr)
+        return 2
+    summary = write_summary(args.sweep_dir, args.metric)
+    print(report(summary))
+    return EXIT_JOBS_FAILED if summary.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
