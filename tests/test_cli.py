@@ -8,6 +8,7 @@ Reproducibility and the return value of ``train()`` go through the Python API.
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import re
@@ -260,11 +261,20 @@ def test_multirun_over_models(tmp_path: Path) -> None:
     sweeps = list(dated[0].iterdir())
     assert len(sweeps) == 1 and RUN_NAME_RE.match(sweeps[0].name)
     sweep = sweeps[0]
-    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2"]
-    assert _run_dirs(log_dir) == [sweep / "0", sweep / "1", sweep / "2"]
+    # Job dirs are named <job number>_<its overrides> (Hydra's override_dirname, sorted by key).
+    names = [f"{i}_callbacks.progress_bar.refresh_rate=0,model={m},trainer.enable_model_summary=False,"
+             f"trainer.max_epochs=1,trainer=cpu" for i, m in enumerate(models)]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == names
+    assert _run_dirs(log_dir) == [sweep / n for n in names]
 
     summaries = _summaries(proc.stdout)
-    assert [d for _, d in summaries] == [sweep / "0", sweep / "1", sweep / "2"]
+    assert [d for _, d in summaries] == [sweep / n for n in names]
+    # The sweep summary: one ok row per job with the job's own numbers, printed at the end.
+    with (sweep / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == names and {r["status"] for r in rows} == {"ok"}
+    assert [f"{float(r['test/acc']):.4f}" for r in rows] == [f"{acc:.4f}" for acc, _ in summaries]
+    assert "| 2 | `model=relu_mlp` | " in proc.stdout and str(sweep / "summary.md") in proc.stdout
     for (printed_acc, job_dir), model in zip(summaries, models):
         assert f"model={model}" in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
         assert OmegaConf.load(job_dir / ".hydra" / "config.yaml").model._target_ == targets[model]

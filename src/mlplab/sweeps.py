@@ -38,17 +38,24 @@ SHOWN_METRICS = ("val/acc_best", "test/acc")
 NO_RECORD = "no run.json: the job was killed or is still running"
 EXIT_JOBS_FAILED = 1
 _UNSAFE = re.compile(r"[^\w.,=+\-\[\]@%]+")
+_LONG_FLOAT = re.compile(r"(?<![\w.])\d+\.\d{5,}(?:e[+-]?\d+)?")
 _MAX_NAME = 120
+
+
+def short_numbers(text: str) -> str:
+    """Floats with many digits (Optuna's samples) cut to 4 significant digits, for display."""
+    return _LONG_FLOAT.sub(lambda m: f"{float(m.group()):.4g}", text)
 
 
 def job_dirname(num: Any, overrides: str = "") -> str:
     """``<num>_<overrides>``: a readable, unique, filesystem-safe job dir name.
 
     ``overrides`` is Hydra's ``hydra.job.override_dirname`` (``model=simple_net,optimizer.lr=0.1``);
-    characters that are unsafe in a file name (``/``, spaces, quotes, ``:`` ...) become
-    ``_`` and the name is cut to 120 characters. The job number keeps names unique.
+    long floats are cut to 4 significant digits, characters that are unsafe in a file
+    name (``/``, spaces, quotes, ``:`` ...) become ``_`` and the name is cut to 120
+    characters. The job number keeps names unique; ``run.json`` keeps the exact overrides.
     """
-    safe = _UNSAFE.sub("_", str(overrides)).strip("._-")[:_MAX_NAME]
+    safe = _UNSAFE.sub("_", short_numbers(str(overrides))).strip("._-")[:_MAX_NAME]
     return f"{num}_{safe}" if safe else str(num)
 
 
@@ -142,7 +149,7 @@ def collect(sweep_dir: str | Path, metric: str = "val/acc_best") -> Summary:
     rows = [read_job(d) for d in find_job_dirs(sweep_dir)]
     common = [o for o in rows[0].overrides if all(o in r.overrides for r in rows)] if len(rows) > 1 else []
     for row in rows:
-        row.label = " ".join(o for o in row.overrides if o not in common) or row.job
+        row.label = short_numbers(" ".join(o for o in row.overrides if o not in common)) or row.job
     return Summary(sweep_dir, metric, rows, common)
 
 
@@ -162,25 +169,26 @@ def markdown(summary: Summary) -> str:
     if summary.common:
         lines.append(f"Every job: `{' '.join(summary.common)}`.")
     lines.append("")
-    header = ["job", "overrides", "status", *summary.metrics, "epochs", "wall (s)", "error"]
+    header = ["#", "overrides", "status", *summary.metrics, "epochs", "wall (s)", "error", "dir"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     best = summary.best()
     for row in summary.rows:
         cells = [
-            row.job,
+            row.job.split("_", 1)[0],
             f"`{row.label}`",
             ("**ok** (best)" if row is best else row.status),
             *(_fmt(row.metrics.get(m)) for m in summary.metrics),
             "" if row.epochs is None else str(row.epochs),
             _fmt(row.wall_s, 1),
             row.error or "",
+            row.job,
         ]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     lines.append("")
     if best is not None:
-        lines.append(f"Best by `{summary.metric}`: job `{best.job}` (`{best.label}`), "
-                     f"{summary.metric}={_fmt(best.metrics[summary.metric])}.")
+        lines.append(f"Best by `{summary.metric}`: `{best.label}`, {summary.metric}={_fmt(best.metrics[summary.metric])} "
+                     f"(dir `{best.job}`).")
     else:
         lines.append(f"No job finished with `{summary.metric}`.")
     lines.append("")
