@@ -73,6 +73,22 @@ def _hparams(ea: EventAccumulator) -> dict[str, HParamsPluginData]:
     return {tag: HParamsPluginData.FromString(raw) for tag, raw in ea.PluginTagToContent("hparams").items()}
 
 
+def _tensorboard_hparams_experiment(logdir: Path):
+    """The experiment TensorBoard's HPARAMS tab shows for ``tensorboard --logdir logdir``."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+
+    mux = plugin_event_multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(logdir))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(logdir))
+    hp = backend_context.Context(base_plugin.TBContext(logdir=str(logdir), data_provider=provider, multiplexer=mux))
+    ctx = context.RequestContext()
+    return hp.experiment_from_metadata(ctx, "", True, hp.hparams_metadata(ctx, ""), hp.hparams_from_data_provider(ctx, "", None))
+
+
 def _all_tags(ea: EventAccumulator) -> set[str]:
     tags: set[str] = set()
     for value in ea.Tags().values():
@@ -289,8 +305,20 @@ def test_multirun_over_models(tmp_path: Path) -> None:
         assert len(scalars["val/acc"]) == 1, "each job logs only its own epoch"
         assert f"{scalars['test/acc'][0][1]:.4f}" == f"{printed_acc:.4f}"
     # Each job has its own event files.
-    all_events = [f.name for d in ("0", "1", "2") for f in (sweep / d / "tensorboard").glob("events.out.tfevents.*")]
+    all_events = [f.name for d in names for f in (sweep / d / "tensorboard").glob("events.out.tfevents.*")]
     assert len(all_events) == len(set(all_events))
+
+    # TensorBoard's HPARAMS tab on the sweep compares all jobs: the experiment it builds has
+    # the union of their hparams (SimpleNet's hidden_size and the MLP's hidden_sizes) and
+    # all three models, because no job claims the experiment for itself.
+    for job in names:
+        assert set(_hparams(_accumulator(sweep / job / "tensorboard"))) == {"_hparams_/session_start_info",
+                                                                           "_hparams_/session_end_info"}
+    experiment = _tensorboard_hparams_experiment(sweep)
+    infos = {h.name: h for h in experiment.hparam_infos}
+    assert {"model.hidden_size", "model.hidden_sizes", "model.activation", "optimizer.lr"} <= set(infos)
+    assert {v.string_value for v in infos["model._target_"].domain_discrete.values} == set(targets.values())
+    assert {"val/acc_best", "test/acc"} <= {m.name.tag for m in experiment.metric_infos}
 
 
 # -- f, h. reproducibility and the return value (Python API) --------------------------------

@@ -165,13 +165,13 @@ def test_launcher_and_search_configs_compose(tmp_path: Path) -> None:
 # -- CLI: real sweeps -------------------------------------------------------------------------
 def test_joblib_sweep_runs_jobs_in_parallel_into_one_sweep_dir_and_survives_a_failure(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
-    proc = run_cli("train", ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=0.05,-1,0.2",
+    proc = run_cli("train", ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=0.05,-1",
                              *CLI_QUICK, f"paths.log_dir={log_dir}"], cwd=tmp_path, env=_env(tmp_path))
     # A failed job: the sweep goes on, is summarised, and exits 1.
     _check(proc, EXIT_JOBS_FAILED)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error: optimizer.lr=-1 is invalid; allowed: a finite number > 0" in proc.stderr
-    assert proc.stderr.rstrip().endswith("1 of 3 jobs failed (see the table above)")
+    assert proc.stderr.rstrip().endswith("1 of 2 jobs failed (see the table above)")
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout
 
     # One sweep dir for all jobs, although each ran in a worker process of its own.
@@ -181,19 +181,17 @@ def test_joblib_sweep_runs_jobs_in_parallel_into_one_sweep_dir_and_survives_a_fa
         record = runs.read_run_record(sweep / row["job"])
         assert row["output_dir"] == record["output_dir"] == str(sweep / row["job"])
         records[row["job"].split("_")[0]] = (row, record)
-    assert sorted(records) == ["0", "1", "2"]
-    (ok1, rec1), (bad, rec_bad), (ok2, rec2) = records["0"], records["1"], records["2"]
-    assert "optimizer.lr=0.05" in ok1["job"] and "optimizer.lr=-1" in bad["job"] and "optimizer.lr=0.2" in ok2["job"]
-    assert (ok1["status"], bad["status"], ok2["status"]) == ("ok", "failed", "ok")
+    assert sorted(records) == ["0", "1"]
+    (ok, record), (bad, bad_record) = records["0"], records["1"]
+    assert "optimizer.lr=0.05" in ok["job"] and "optimizer.lr=-1" in bad["job"]
+    assert (ok["status"], bad["status"]) == ("ok", "failed") == (record["status"], bad_record["status"])
     assert bad["error"] == "optimizer.lr=-1 is invalid; allowed: a finite number > 0"
-    assert list((sweep / bad["job"]).iterdir()), "the failed job's dir is kept"
-    for row, record in ((ok1, rec1), (ok2, rec2)):
-        assert float(row["val/acc_best"]) == pytest.approx(record["metrics"]["val/acc_best"], abs=1e-6)
-        assert float(row["test/acc"]) == pytest.approx(record["metrics"]["test/acc"], abs=1e-6)
-        assert 0.3 < record["metrics"]["test/acc"] <= 1 and row["epochs"] == "1"
-        assert (sweep / row["job"] / "checkpoints" / "last.ckpt").is_file()
-    best = max((ok1, ok2), key=lambda r: float(r["val/acc_best"]))
-    assert f"(dir `{best['job']}`)" in (sweep / "summary.md").read_text()
+    assert (sweep / bad["job"] / ".hydra" / "config.yaml").is_file(), "the failed job's dir is kept"
+    assert float(ok["val/acc_best"]) == pytest.approx(record["metrics"]["val/acc_best"], abs=1e-6)
+    assert float(ok["test/acc"]) == pytest.approx(record["metrics"]["test/acc"], abs=1e-6)
+    assert 0.3 < record["metrics"]["test/acc"] <= 1 and ok["epochs"] == "1"
+    assert (sweep / ok["job"] / "checkpoints" / "last.ckpt").is_file()
+    assert f"(dir `{ok['job']}`)" in (sweep / "summary.md").read_text()
 
 
 def test_fail_fast_stops_the_sweep_at_the_first_failure(tmp_path: Path) -> None:
@@ -205,8 +203,8 @@ def test_fail_fast_stops_the_sweep_at_the_first_failure(tmp_path: Path) -> None:
     sweep = _only_sweep_dir(log_dir)
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     # Job 1 never ran; fail_fast is not part of the name.
-    assert jobs == ["0_callbacks.progress_bar.refresh_rate=0,optimizer.lr=-1,trainer.enable_model_summary=False,"
-                    "trainer.max_epochs=1,trainer=cpu"]
+    assert len(jobs) == 1 and jobs[0].startswith("0_callbacks.progress_bar.refresh_rate=0,optimizer.lr=-1,trainer.")
+    assert "fail_fast" not in jobs[0]
     assert runs.read_run_record(sweep / jobs[0])["status"] == "failed"
     assert not (sweep / "summary.csv").exists()  # the sweep stopped; the summary can be written after:
     assert main([str(sweep)]) == EXIT_JOBS_FAILED

@@ -32,31 +32,23 @@ EXIT_USER_ERROR = 2
 log = logging.getLogger("mlplab")
 
 
-_UID = secrets.token_hex(3)
-
-
 def register_resolvers() -> None:
-    """The resolvers our configs use; idempotent, and already done when this module is imported.
+    """The resolvers our configs use.
 
     - ``${uid:}``: a short random token, the same for every use within one process. Run
       and sweep dirs end in ``<time>_<uid>``, so two runs started in the same second never
-      share a dir. Like Hydra's ``${now:}`` it is cached in the config, and Hydra copies
-      the launching process's cache into every job's config: a sweep dir is resolved once
-      and all its jobs land in it, also when a launcher (joblib, submitit) runs them in
-      other processes. DDP child ranks receive the parent's resolved dir explicitly.
+      share a dir. DDP child ranks receive the parent's resolved dir explicitly. Launchers
+      that run sweep jobs in other processes (joblib, submitit) hand them the launching
+      process's resolvers with Hydra's singleton state, token included, so all jobs of a
+      sweep land in one sweep dir (tested with both).
     - ``${job_dirname:num,overrides}``: a sweep job's dir name, ``<num>_<its overrides>``
       made filesystem-safe (:func:`mlplab.sweeps.job_dirname`).
-
-    Launcher workers unpickle the job function, which imports this module: the resolvers
-    exist there before Hydra resolves the job's output dir.
     """
     from mlplab.sweeps import job_dirname
 
-    OmegaConf.register_new_resolver("uid", lambda: _UID, use_cache=True, replace=True)
+    token = secrets.token_hex(3)
+    OmegaConf.register_new_resolver("uid", lambda: token, replace=True)
     OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
-
-
-register_resolvers()
 
 
 def set_project_root(entry_file: str) -> None:

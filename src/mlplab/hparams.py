@@ -52,11 +52,26 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
 
 
 def write_hparams_summary(writer: Any, params: dict[str, Any], metrics: Iterable[str] = HPARAM_METRICS) -> None:
-    """Write the hparams plugin's summaries, naming ``metrics``, with a ``SummaryWriter``."""
+    """Write the hparams plugin's summaries, naming ``metrics``, with a ``SummaryWriter``.
+
+    A job of a multirun writes its session (hparams and status) but not the experiment
+    summary: with none, TensorBoard builds the experiment from all the sweep's sessions
+    (the union of their hparams, every scalar as a metric), so ``tensorboard --logdir
+    <sweep dir>`` compares all jobs. With one per job it would pick one job's arbitrarily
+    and drop the hparams the others do not share (a sweep over models).
+    """
     file_writer = writer._get_file_writer()
-    for summary in hparams(params, {m: float("nan") for m in metrics}):
+    experiment, session_start, session_end = hparams(params, {m: float("nan") for m in metrics})
+    for summary in (session_start, session_end) if _in_multirun() else (experiment, session_start, session_end):
         file_writer.add_summary(summary)
     file_writer.flush()
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @rank_zero_only
