@@ -56,7 +56,7 @@ def test_job_dirname_is_readable_unique_and_filesystem_safe() -> None:
         "2_model.hidden_sizes=[256,128],optimizer.lr=0.01683")
     name = job_dirname(3, "data.root=/tmp/x y:z,tag='a b'")
     assert name == "3_data.root=_tmp_x_y_z,tag=_a_b"
-    assert "/" not in job_dirname(4, "a=" + "/x" * 300) and len(job_dirname(4, "a=" + "x" * 300)) == 2 + 120
+    assert "/" not in job_dirname(4, "a=" + "/x" * 300) and len(job_dirname(4, "a=" + "x" * 300)) == 2 + 200
 
 
 # -- the summary of a sweep dir ---------------------------------------------------------------

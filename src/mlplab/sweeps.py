@@ -39,7 +39,7 @@ NO_RECORD = "no run.json: the job was killed or is still running"
 EXIT_JOBS_FAILED = 1
 _UNSAFE = re.compile(r"[^\w.,=+\-\[\]@%]+")
 _LONG_FLOAT = re.compile(r"(?<![\w.])\d+\.\d{5,}(?:e[+-]?\d+)?")
-_MAX_NAME = 120
+_MAX_NAME = 200
 
 
 def short_numbers(text: str) -> str:
@@ -52,7 +52,7 @@ def job_dirname(num: Any, overrides: str = "") -> str:
 
     ``overrides`` is Hydra's ``hydra.job.override_dirname`` (``model=simple_net,optimizer.lr=0.1``);
     long floats are cut to 4 significant digits, characters that are unsafe in a file
-    name (``/``, spaces, quotes, ``:`` ...) become ``_`` and the name is cut to 120
+    name (``/``, spaces, quotes, ``:`` ...) become ``_`` and the name is cut to 200
     characters. The job number keeps names unique; ``run.json`` keeps the exact overrides.
     """
     safe = _UNSAFE.sub("_", short_numbers(str(overrides))).strip("._-")[:_MAX_NAME]
