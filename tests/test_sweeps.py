@@ -146,6 +146,7 @@ def test_launcher_and_search_configs_compose(tmp_path: Path) -> None:
                         return_hydra_config=True)
         joblib = compose("train", overrides=["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"], return_hydra_config=True)
         optuna = compose("train", overrides=["hparams_search=digits_optuna"], return_hydra_config=True)
+        other = compose("train", overrides=["hydra.callbacks.sweep_summary.metric=test/loss"], return_hydra_config=True)
     launcher = slurm.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 4, 30)
@@ -159,6 +160,7 @@ def test_launcher_and_search_configs_compose(tmp_path: Path) -> None:
     # The summary callback is on for every run and compares the optimized metric.
     assert optuna.hydra.callbacks.sweep_summary._target_ == "mlplab.sweeps.SweepSummary"
     assert optuna.hydra.callbacks.sweep_summary.metric == "val/acc_best"
+    assert other.hydra.callbacks.sweep_summary.metric == "test/loss"
     GlobalHydra.instance().clear()
 
 
