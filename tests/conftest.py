@@ -42,6 +42,14 @@ QUICK = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _clear_hydra_config():
+    """``compose_cfg`` sets Hydra's global ``HydraConfig``; clear it after every test, so one
+    test's overrides never reach the next (``run_job`` records them in ``run.json``)."""
+    yield
+    HydraConfig.instance().cfg = None
+
+
 def compose_cfg(overrides: list[str], out_dir: Path, config_name: str = "train") -> DictConfig:
     """Compose a config as the CLI would, with every output under ``out_dir``."""
     GlobalHydra.instance().clear()
