@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from mlplab.cli import register_resolvers, set_project_root, user_errors_exit
+from mlplab.cli import prepare_argv, register_resolvers, set_project_root, user_errors_exit
 from mlplab.training import evaluate
 
 set_project_root(__file__)
@@ -17,4 +17,5 @@ def main(cfg: DictConfig) -> dict:
 
 
 if __name__ == "__main__":
+    prepare_argv()
     main()
