@@ -31,6 +31,7 @@ from mlplab import distributed
 from mlplab.data import DigitsDataModule
 from mlplab.distributed import LAUNCH_ENV, child_command, ddp_job, external_rank_argv
 from mlplab.errors import ConfigError
+from mlplab.runs import RUN_FILE, read_run_record
 from mlplab.training import build_datamodule, build_net, evaluate
 from test_cli import CLI_QUICK, _accumulator, _check_ok, _env, _run_dirs, _scalars, _summaries
 
@@ -160,13 +161,18 @@ def _one_rank_test(ckpt: Path, tmp_path: Path) -> tuple[dict[str, float], dict[s
 
 def _check_job_dir(job_dir: Path, printed_acc: float, tmp_path: Path, rank_logs: list[str]) -> None:
     """One 2-rank job's dir: rank 0's files only, one TensorBoard run, synced metrics."""
-    assert sorted(p.name for p in job_dir.iterdir()) == sorted([".hydra", "checkpoints", "tensorboard", "train.log", *rank_logs])
+    assert sorted(p.name for p in job_dir.iterdir()) == sorted(
+        [".hydra", "checkpoints", "tensorboard", "train.log", RUN_FILE, *rank_logs]
+    )
     assert len(list((job_dir / "checkpoints").glob("*.ckpt"))) == 2  # best + last
     ea = _accumulator(job_dir / "tensorboard")
     scalars = _scalars(ea)
     assert len(scalars["test/acc"]) == 1 and len(scalars["val/acc"]) == 1
     tb_acc, tb_loss = scalars["test/acc"][0][1], scalars["test/loss"][0][1]
     assert f"{tb_acc:.4f}" == f"{printed_acc:.4f}"
+    record = read_run_record(job_dir)  # rank 0's record of the job
+    assert record["status"] == "ok" and record["epochs"] == 1
+    assert record["metrics"]["test/acc"] == pytest.approx(tb_acc, abs=1e-7)
     # data.batch_size is per rank: 2 ranks take ceil(ceil(1213 / 2) / 32) = 19 steps per epoch.
     dm = DigitsDataModule()
     dm.setup()
