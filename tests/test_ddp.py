@@ -101,6 +101,29 @@ def test_ddp_job_leaves_no_distributed_state_behind(monkeypatch):
     assert stuck.returncode is not None and time.monotonic() - start < 30
 
 
+@pytest.mark.parametrize("rank0_fails_in_time", [True, False])
+def test_a_failed_child_rank_stops_the_job(monkeypatch, rank0_fails_in_time):
+    """A child rank exits non-zero: the other children are stopped at once; rank 0 is killed
+    only if its job has not ended within the grace period (else the sweep goes on)."""
+    monkeypatch.setattr(distributed, "CHILD_FAILURE_GRACE_S", 2.0)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    job = distributed._JobRanks()
+    job.procs = [subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"]), subprocess.Popen(sleeper)]
+    rank0 = subprocess.Popen(sleeper)  # stands in for this process (os.kill target)
+    observer = distributed._ChildObserver(job, rank0.pid)
+    observer.start()
+    job.procs[1].wait(timeout=20)  # the healthy child was stopped
+    assert job.procs[0].returncode == 3 and job.procs[1].returncode != 0
+    if rank0_fails_in_time:
+        job.over.set()  # rank 0's job ended (failed) on its own
+    observer.join(timeout=20)
+    assert not observer.is_alive()
+    if rank0_fails_in_time:
+        assert rank0.poll() is None
+        rank0.kill()
+    assert rank0.wait(timeout=20) == -9  # SIGKILL: by the observer, or by the test's cleanup
+
+
 TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE")
 
 

@@ -54,7 +54,6 @@ CHILD_EXIT_TIMEOUT_S = 120
 CHILD_FAILURE_GRACE_S = 30
 
 
-
 class _JobRanks:
     """The child ranks the current job launched, and whether the job has ended."""
 
