@@ -43,9 +43,8 @@ QUICK = [
 
 
 @pytest.fixture(autouse=True)
-def _clear_hydra_config():
-    """``compose_cfg`` sets Hydra's global ``HydraConfig``; clear it after every test, so one
-    test's overrides never reach the next (``run_job`` records them in ``run.json``)."""
+def _no_hydra_config_left_behind():
+    """compose_cfg sets Hydra's global HydraConfig; each test starts and ends without one."""
     yield
     HydraConfig.instance().cfg = None
 
