@@ -163,7 +163,7 @@ def test_torchrun_and_srun_ranks_share_the_job_dir(monkeypatch):
 # -- helpers for the CLI runs -----------------------------------------------------------------
 def _one_rank_test(ckpt: Path, tmp_path: Path) -> tuple[dict[str, float], dict[str, float]]:
     """Test metrics of ``ckpt`` from eval.py's evaluate() on 1 process, and computed by hand."""
-    cfg = compose_cfg([f"ckpt_path={ckpt}", "trainer=cpu", "logger=none", "trainer.enable_model_summary=false"], tmp_path, "eval")
+    cfg = compose_cfg([f"ckpt_path=\"{ckpt}\"", "trainer=cpu", "logger=none", "trainer.enable_model_summary=false"], tmp_path, "eval")
     evaluated = evaluate(cfg)
     stored = OmegaConf.create(torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["config"])
     dm = build_datamodule(stored.data)
