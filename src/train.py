@@ -3,10 +3,12 @@
 See ``python src/train.py --help`` and README.md.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from mlplab.cli import register_resolvers, set_project_root, user_errors_exit
+from mlplab.cli import expand_resume, register_resolvers, set_project_root, user_errors_exit
 from mlplab.training import train
 
 set_project_root(__file__)
@@ -20,4 +22,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = expand_resume(sys.argv)
     main()

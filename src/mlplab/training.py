@@ -19,11 +19,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab.config import validate_ckpt_path, validate_train_config, validate_trainer
+from mlplab.callbacks import AtomicCheckpointIO, RNGState, StopOnSignal
+from mlplab.config import resume_checkpoint, validate_ckpt_path, validate_train_config, validate_trainer
 from mlplab.data import TensorDataModule
-from mlplab.errors import CheckpointError, ConfigError, MlplabError
+from mlplab.errors import CheckpointError, ConfigError, MlplabError, RunInterrupted
 from mlplab.hparams import flat_hparams, log_hparams
 from mlplab.models import Classifier
 
@@ -83,6 +85,7 @@ def _as_floats(metrics: dict[str, Any]) -> dict[str, float]:
 def train(cfg: DictConfig) -> float | None:
     """Train, test the best checkpoint, and return ``cfg.optimized_metric`` (for sweepers)."""
     validate_train_config(cfg)
+    ckpt_path = resume_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = build_datamodule(cfg.data)
@@ -104,27 +107,82 @@ def train(cfg: DictConfig) -> float | None:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
-    callbacks: list[Callback] = _instantiate_group(cfg.get("callbacks"))
+    if ckpt_path is not None:
+        check_checkpoint_fits(ckpt_path, model)
+    stop = StopOnSignal()
+    # RNG state and signal handling make a run resumable; always on, whatever cfg.callbacks says.
+    callbacks: list[Callback] = [*_instantiate_group(cfg.get("callbacks")), RNGState(), stop]
     loggers: list[Logger] = _instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    log_hparams(loggers, flat_hparams(cfg))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
+    if not cfg.get("resume"):  # a resumed run already has its HPARAMS entry
+        log_hparams(loggers, flat_hparams(cfg))
 
     # torch.compile on the LightningModule: Lightning unwraps it for checkpoints, so they
     # load into an uncompiled net (eval.py) as usual.
     fit_model = torch.compile(model) if cfg.get("compile", False) else model
-    trainer.fit(fit_model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
-    metrics = _as_floats(trainer.callback_metrics)
+    try:
+        trainer.fit(fit_model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        metrics = _as_floats(trainer.callback_metrics)
 
-    if cfg.get("test", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if not best:
-            log.warning("no best checkpoint (checkpointing off?): testing the last weights")
-        trainer.test(fit_model, datamodule=dm, ckpt_path=best or None, verbose=False)
-        metrics.update(_as_floats(trainer.callback_metrics))
+        if cfg.get("test", True):
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            if not best:
+                log.warning("no best checkpoint (checkpointing off?): testing the last weights")
+            trainer.test(fit_model, datamodule=dm, ckpt_path=best or None, verbose=False)
+            metrics.update(_as_floats(trainer.callback_metrics))
+    except SIGTERMException:  # SIGTERM, or SIGINT through StopOnSignal
+        raise _interrupted(cfg, trainer, stop.received or "SIGTERM") from None
 
     _report(metrics, cfg)
     metric_name = cfg.get("optimized_metric")
     return metrics.get(metric_name) if metric_name else None
+
+
+def _interrupted(cfg: DictConfig, trainer: L.Trainer, signal_name: str) -> RunInterrupted:
+    out = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    last = Path(out) / "checkpoints" / "last.ckpt" if out else None
+    if last is not None and last.is_file():
+        epoch = torch.load(last, map_location="cpu", weights_only=True).get("epoch", "?")
+        saved = f"{last} holds epoch {epoch}, the last completed one"
+    else:
+        saved = "no epoch had completed (no last.ckpt)"
+    return RunInterrupted(
+        f"stopped by {signal_name} in epoch {trainer.current_epoch}: {saved}; "
+        f"resume with: python src/train.py resume={out}",
+        signal_name,
+    )
+
+
+def _load_checkpoint(ckpt_path: Path) -> dict:
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"ckpt_path={ckpt_path} cannot be loaded as a checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"ckpt_path={ckpt_path} is not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+def check_checkpoint_fits(ckpt_path: Path, model: torch.nn.Module) -> None:
+    """Refuse a checkpoint whose net has other parameter names or shapes than ``model``'s."""
+    ckpt = _load_checkpoint(ckpt_path)
+    theirs = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("net.")}
+    if theirs == ours:
+        return
+    diff = next((k for k in ours if theirs.get(k) != ours[k]), None) or next(k for k in theirs if k not in ours)
+    config = ckpt.get("hyper_parameters", {}).get("config") or {}
+    trained = (
+        f"model {config.get('model', {}).get('_target_', '?')} on {config.get('data', {}).get('_target_', '?')}"
+    )
+    raise CheckpointError(
+        f"ckpt_path={ckpt_path} does not fit this model and data: {diff} is {list(theirs[diff]) if diff in theirs else 'absent'} "
+        f"there, {list(ours[diff]) if diff in ours else 'absent'} here (the checkpoint has {trained}); "
+        "allowed: a checkpoint of the same model and data"
+    )
 
 
 @rank_zero_only
