@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra.experimental.callback import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -47,6 +48,35 @@ def register_resolvers() -> None:
 def set_project_root(entry_file: str) -> None:
     """``paths.root_dir`` defaults to the checkout holding ``src/<entry>.py``."""
     os.environ.setdefault("MLPLAB_ROOT", str(Path(entry_file).resolve().parents[1]))
+
+
+class CheckOutputDir(Callback):
+    """A Hydra callback: the run/sweep dir can be created, else one line and exit 2.
+
+    Hydra makes the dir itself before the task runs; a log dir under a file or on a
+    read-only disk would otherwise end in Hydra's traceback.
+    """
+
+    def _check(self, key: str, directory: Any) -> None:
+        try:
+            Path(str(directory)).mkdir(parents=True, exist_ok=True)
+            probe = Path(str(directory)) / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as err:
+            print(
+                f"error: {key}={directory} cannot be written ({err.strerror or err}); "
+                "allowed: a writable folder (set paths.log_dir, or hydra.run.dir / hydra.sweep.dir)",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(EXIT_USER_ERROR)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check("hydra.run.dir", config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check("hydra.sweep.dir", config.hydra.sweep.dir)
 
 
 def _hydra_job() -> tuple[bool, list[str]]:

@@ -9,9 +9,11 @@ arguments the same way, and they are built before the Trainer.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab.errors import CheckpointError, ConfigError
@@ -47,6 +49,40 @@ def validate_trainer(cfg: DictConfig) -> None:
     if not _valid_devices(devices):
         raise ConfigError(
             f"trainer.devices={devices!r} is invalid; allowed: a count >= 1, -1 (all), 'auto', or device ids like '0,1'"
+        )
+    validate_devices_available(trainer.get("accelerator", "auto"), devices)
+
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def validate_devices_available(accelerator: Any, devices: Any) -> None:
+    """The accelerator exists on this machine and has ``devices`` devices (Lightning's own errors are tracebacks)."""
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={accelerator!r} is invalid; allowed: {', '.join(ACCELERATORS)}")
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but this machine has no usable GPU (CUDA); "
+            "allowed: trainer=cpu, trainer=default (auto: the CPU here) or trainer=ddp_cpu"
+        )
+    if accelerator == "mps" or devices in ("auto", -1, "-1"):
+        return
+    if isinstance(devices, str) and "," not in devices:  # "2" is a count, "0,1" ids (Lightning's reading)
+        devices = int(devices)
+    available = torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
+    what = "GPUs" if gpu else "CPU cores"
+    if isinstance(devices, int):
+        if devices > available:
+            raise ConfigError(
+                f"trainer.devices={devices} but this machine has {available} {what}; allowed: 1..{available} or -1 (all)"
+            )
+        return
+    ids = [int(d) for d in (devices.split(",") if isinstance(devices, str) else devices) if str(d).strip()]
+    if gpu and ids and max(ids) >= available:
+        raise ConfigError(
+            f"trainer.devices={devices!r} names GPU {max(ids)} but this machine has {available} {what} "
+            f"(ids 0..{available - 1}); allowed: ids below {available}, a count, or -1 (all)"
         )
 
 

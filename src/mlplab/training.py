@@ -7,11 +7,14 @@ Data flows one way: config -> DataModule (knows ``input_dim``, ``num_classes``,
 
 from __future__ import annotations
 
+import inspect
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
@@ -46,11 +49,12 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def _instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
+def _instantiate_checked(node: DictConfig, group: str, **kwargs: Any) -> Any:
     """``instantiate``, but a constructor's own user error comes through as itself.
 
     Hydra wraps any exception raised by a ``_target_`` in an ``InstantiationException``;
     unwrapped, our ConfigError reaches the entry point (one line on stderr, exit code 2).
+    A key the constructor does not take (``+model.init=xavier``) is a ConfigError too.
     """
     try:
         return instantiate(node, **kwargs)
@@ -60,18 +64,26 @@ def _instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if isinstance(cause, MlplabError):
             raise cause from None
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(cause)) if isinstance(cause, TypeError) else None
+        if unexpected:
+            key = unexpected.group(1)
+            params = inspect.signature(hydra.utils.get_class(node._target_)).parameters
+            allowed = ", ".join(p for p in params if p not in kwargs and p != "self")
+            raise ConfigError(
+                f"{group}.{key}={node.get(key)!r} is invalid: {node._target_} has no such option; allowed keys: {allowed}"
+            ) from None
         raise
 
 
 def build_datamodule(data_cfg: DictConfig) -> TensorDataModule:
-    dm = _instantiate_checked(data_cfg)
+    dm = _instantiate_checked(data_cfg, "data")
     if not isinstance(dm, TensorDataModule):
         raise ConfigError(f"data._target_={data_cfg.get('_target_')} is not an mlplab DataModule")
     return dm
 
 
 def build_net(model_cfg: DictConfig, dm: TensorDataModule) -> torch.nn.Module:
-    return _instantiate_checked(model_cfg, input_dim=dm.input_dim, num_classes=dm.num_classes)
+    return _instantiate_checked(model_cfg, "model", input_dim=dm.input_dim, num_classes=dm.num_classes)
 
 
 def _summary(metrics: dict[str, float], output_dir: str | None) -> str:
