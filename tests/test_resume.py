@@ -17,14 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from sklearn.datasets import load_digits
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import QUICK, REPO, compose_cfg, run_cli
-from mlplab.cli import expand_resume
-from mlplab.data import DigitsDataModule
+import re
+
+from mlplab import runs
+from mlplab.cli import EXIT_USER_ERROR, CheckOutputDir, expand_resume, run_job
+from mlplab.data import BatchSliceSampler, DigitsDataModule, split_indices
 from mlplab.errors import CheckpointError, ConfigError, DivergenceError, RunInterrupted
 from mlplab.models import Classifier
-from mlplab.training import train
+from mlplab.training import fit, train
 
 EPOCHS = 2
 # Dropout makes the result depend on the global RNG state as well as on the data order.
@@ -129,6 +133,8 @@ def test_sigterm_then_sigint_then_resume_is_bit_identical(tmp_path: Path, monkey
     assert f"{run_dir / 'checkpoints' / 'last.ckpt'} holds epoch 0" in line and f"resume={run_dir}" in line
     assert "Traceback" not in proc.stderr
     assert _last_epoch(run_dir) == 0
+    record = runs.read_run_record(run_dir)
+    assert record["status"] == "interrupted" and "stopped by SIGTERM" in record["error"]
 
     # What `python src/train.py resume=<run_dir>` composes (its own test covers the argv).
     stored = [str(o) for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")]
@@ -193,7 +199,7 @@ def test_resume_without_last_checkpoint_starts_over_in_the_same_dir(tmp_path: Pa
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "config.yaml").write_text("{}")
-    args = [o for o in QUICK if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=1", "logger=none"]
+    args = [*QUICK, "logger=none", "test=false"]
     resumed = train(compose_cfg([*args, f"resume={run_dir}"], run_dir))
     fresh = train(compose_cfg(args, tmp_path / "fresh"))
     assert resumed == fresh
@@ -240,11 +246,68 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: P
         assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
-def test_huge_learning_rate_diverges_in_the_first_epoch_without_checkpoints(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    with pytest.raises(DivergenceError, match=r"non-finite loss at step \d+ \(epoch 0, lr 1e\+06 "):
-        train(compose_cfg(QUICK + ["logger=none", "optimizer.lr=1e6"], out))
-    assert not list(out.rglob("*.ckpt"))
+def test_huge_learning_rate_fails_the_run_and_the_record_says_so(tmp_path: Path, capsys) -> None:
+    """optimizer.lr=1e6 through the entry point's run_job: exit 2, one line, dir kept, run.json failed."""
+    out = tmp_path / "logs" / "runs" / "diverged"
+    cfg = compose_cfg(QUICK + ["optimizer.lr=1e6"], out)
+    cfg.paths.log_dir = str(tmp_path / "logs")
+    with pytest.raises(SystemExit) as info:
+        run_job(cfg, fit)
+    assert info.value.code == EXIT_USER_ERROR
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert re.match(r"error: training diverged: non-finite loss at step \d+ \(epoch 0, lr 1e\+06 ", line), line
+    record = runs.read_run_record(out)
+    assert record["status"] == "failed" and record["error"] == line.removeprefix("error: ")
+    assert not list(out.rglob("*.ckpt"))  # nothing good to keep: it diverged in the first epoch
+    assert (out / "tensorboard").is_dir()  # the run's logs stay, for a look at what happened
+
+
+# -- never overwrite ---------------------------------------------------------------------------
+
+
+def test_a_dir_holding_an_earlier_run_is_refused_before_hydra_writes(tmp_path: Path, capsys) -> None:
+    earlier = tmp_path / "run"
+    (earlier / ".hydra").mkdir(parents=True)
+    (earlier / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    check = CheckOutputDir()
+    for key, hook in (("hydra.run.dir", check.on_run_start), ("hydra.sweep.dir", check.on_multirun_start)):
+        cfg = OmegaConf.create({"hydra": {"run": {"dir": str(earlier)}, "sweep": {"dir": str(earlier)}, "output_subdir": ".hydra"}})
+        with pytest.raises(SystemExit) as info:
+            hook(cfg)
+        assert info.value.code == EXIT_USER_ERROR
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {key}={earlier} already holds an earlier run") and "resume=" in err, err
+    assert (earlier / ".hydra" / "config.yaml").read_text() == "seed: 1\n"
+    # resume= and DDP's extra ranks write no .hydra/ (output_subdir null): they may use the dir.
+    check.on_run_start(OmegaConf.create({"hydra": {"run": {"dir": str(earlier)}, "output_subdir": None}}))
+    # A new dir is made (and found writable).
+    check.on_run_start(OmegaConf.create({"hydra": {"run": {"dir": str(tmp_path / "new")}, "output_subdir": ".hydra"}}))
+    assert (tmp_path / "new").is_dir() and not any((tmp_path / "new").iterdir())
+
+
+# Recorded once (x86_64, torch 2.14): a golden reference, so that another process or machine
+# that drew a different split or order fails here.
+GOLDEN = {
+    "test": [879, 1100, 1133, 553, 798, 1, 1714, 91],
+    "val": [150, 302, 731, 105, 195, 1117, 527, 693],
+    "epoch1_order": [9, 673, 1045, 120, 1019, 1207, 1003, 412],
+}
+
+
+def test_the_data_split_and_order_are_the_same_in_every_process_and_machine() -> None:
+    """torch's CPU generator (mt19937) is platform-independent: these indices are the same everywhere."""
+    dm = DigitsDataModule()
+    dm.setup()
+    assert (len(dm.data_train), len(dm.data_val), len(dm.data_test)) == (1213, 135, 449)
+    test_idx, pool_idx = split_indices(1797, (449, 1348), seed=42)
+    train_idx, val_idx = split_indices(1348, (1213, 135), seed=42)
+    assert test_idx[:8].tolist() == GOLDEN["test"] and val_idx[:8].tolist() == GOLDEN["val"]
+    # ... and these are the DataModule's own rows.
+    assert dm.data_test.tensors[1][:8].tolist() == load_digits().target[GOLDEN["test"]].tolist()
+    sampler = BatchSliceSampler(dm.data_train, 32, shuffle=True, seed=42)
+    sampler.set_epoch(1)
+    next(iter(sampler))
+    assert dm.data_train.order[:8].tolist() == GOLDEN["epoch1_order"]
 
 
 # -- a checkpoint of another model or data -----------------------------------------------------

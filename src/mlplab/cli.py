@@ -51,32 +51,41 @@ def set_project_root(entry_file: str) -> None:
 
 
 class CheckOutputDir(Callback):
-    """A Hydra callback: the run/sweep dir can be created, else one line and exit 2.
+    """A Hydra callback, before Hydra makes the run (or sweep) dir and writes into it.
 
-    Hydra makes the dir itself before the task runs; a log dir under a file or on a
-    read-only disk would otherwise end in Hydra's traceback.
+    - a dir that already holds an earlier run is refused: nothing of it is overwritten
+      (``resume=<dir>`` continues a run; the default dirs are unique per run);
+    - a dir that cannot be created or written is one line on stderr, not Hydra's traceback.
+
+    Both are one line and exit 2. DDP's extra ranks and ``resume=`` run with
+    ``hydra.output_subdir=null`` in an existing dir on purpose, so they skip the first check.
     """
 
-    def _check(self, key: str, directory: Any) -> None:
+    def _check(self, key: str, directory: Any, fresh: bool) -> None:
+        path = Path(str(directory))
+
+        def fail(why: str, allowed: str) -> None:
+            print(f"error: {key}={directory} {why}; allowed: {allowed}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+
+        if fresh and path.is_dir() and any(path.iterdir()):
+            fail(
+                "already holds an earlier run, which is never overwritten",
+                f"a new dir (leave {key} at its default, unique per run), or resume=<run dir> to continue a run",
+            )
         try:
-            Path(str(directory)).mkdir(parents=True, exist_ok=True)
-            probe = Path(str(directory)) / f".write-test-{os.getpid()}"
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{os.getpid()}"
             probe.touch()
             probe.unlink()
         except OSError as err:
-            print(
-                f"error: {key}={directory} cannot be written ({err.strerror or err}); "
-                "allowed: a writable folder (set paths.log_dir, or hydra.run.dir / hydra.sweep.dir)",
-                file=sys.stderr,
-                flush=True,
-            )
-            sys.exit(EXIT_USER_ERROR)
+            fail(f"cannot be written ({err.strerror or err})", "a writable folder (set paths.log_dir, or " + key + ")")
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check("hydra.run.dir", config.hydra.run.dir)
+        self._check("hydra.run.dir", config.hydra.run.dir, fresh=config.hydra.output_subdir is not None)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check("hydra.sweep.dir", config.hydra.sweep.dir)
+        self._check("hydra.sweep.dir", config.hydra.sweep.dir, fresh=True)
 
 
 def _hydra_job() -> tuple[bool, list[str]]:
