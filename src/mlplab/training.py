@@ -115,6 +115,8 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     if engine == "ignite":
         from mlplab.ignite_engine import fit_ignite
 
+        if ckpt_path is not None or cfg.get("resume"):
+            raise ConfigError("engine=ignite cannot resume (resume=, ckpt_path=); allowed: engine=lightning")
         mark_training_started()
         metrics = fit_ignite(cfg, dm, net)
         _report(metrics, cfg)
