@@ -50,14 +50,18 @@ def validate_trainer(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.devices={devices!r} is invalid; allowed: a count >= 1, -1 (all), 'auto', or device ids like '0,1'"
         )
-    validate_devices_available(trainer.get("accelerator", "auto"), devices)
 
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
-def validate_devices_available(accelerator: Any, devices: Any) -> None:
-    """The accelerator exists on this machine and has ``devices`` devices (Lightning's own errors are tracebacks)."""
+def validate_hardware(cfg: DictConfig) -> None:
+    """``trainer.accelerator`` exists on this machine with ``trainer.devices`` devices.
+
+    Separate from :func:`validate_trainer` (the values): a ``trainer=gpu`` config is valid
+    anywhere, it only cannot run here. Lightning's own errors for this are tracebacks.
+    """
+    accelerator, devices = cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices")
     if accelerator not in ACCELERATORS:
         raise ConfigError(f"trainer.accelerator={accelerator!r} is invalid; allowed: {', '.join(ACCELERATORS)}")
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())

@@ -26,7 +26,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab.callbacks import AtomicCheckpointIO, RNGState, StopOnSignal
-from mlplab.config import resume_checkpoint, validate_ckpt_path, validate_train_config, validate_trainer
+from mlplab.config import (
+    resume_checkpoint,
+    validate_ckpt_path,
+    validate_hardware,
+    validate_train_config,
+    validate_trainer,
+)
 from mlplab.data import TensorDataModule
 from mlplab.errors import CheckpointError, ConfigError, MlplabError, RunInterrupted
 from mlplab.hparams import flat_hparams, log_hparams
@@ -105,6 +111,7 @@ def train(cfg: DictConfig) -> float | None:
 def fit(cfg: DictConfig) -> dict[str, float]:
     """Train, test the best checkpoint; returns every final metric and ``epochs`` (epochs completed)."""
     validate_train_config(cfg)
+    validate_hardware(cfg)
     ckpt_path = resume_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -231,6 +238,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test a checkpoint on the test set of the data it was trained on."""
     ckpt_path = validate_ckpt_path("ckpt_path", cfg.get("ckpt_path"))
     validate_trainer(cfg)
+    validate_hardware(cfg)
     stored = OmegaConf.create(load_checkpoint_config(ckpt_path))
     data_cfg = stored.data
     # Machine-specific data settings (data_dir, batch sizes) come from this command line.
