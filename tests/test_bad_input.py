@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -301,7 +302,7 @@ def test_any_numeric_override_trains_or_is_one_clean_error(tmp_path, values):
     overrides = [f"{key}={value}" for key, value in values.items()]
     # Tiny when it does train: 2 batches, 1 validation batch, no test, nothing written but checkpoints.
     tiny = ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.num_sanity_val_steps=0", "test=false"]
-    out = tmp_path / "hyp" / str(abs(hash(tuple(overrides))))
+    out = tmp_path / "hyp" / uuid.uuid4().hex  # a fresh dir per example
     try:
         cfg = compose_cfg(QUICK + ["logger=none", *tiny, *overrides], out)
     except (OverrideParseException, ConfigCompositionException) as err:  # Hydra's own message (exit 1)

@@ -186,12 +186,16 @@ def _interrupted(cfg: DictConfig, trainer: L.Trainer, signal_name: str) -> RunIn
     )
 
 
-def _load_checkpoint(ckpt_path: Path) -> dict:
+def _torch_load(ckpt_path: Path) -> Any:
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"ckpt_path={ckpt_path} cannot be loaded as a checkpoint ({first})") from None
+
+
+def _load_checkpoint(ckpt_path: Path) -> dict:
+    ckpt = _torch_load(ckpt_path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"ckpt_path={ckpt_path} is not a Lightning checkpoint (no state_dict)")
     return ckpt
@@ -223,11 +227,7 @@ def _report(metrics: dict[str, float], cfg: DictConfig) -> None:
 
 def load_checkpoint_config(ckpt_path: Path) -> dict:
     """The training config stored in an mlplab checkpoint."""
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"ckpt_path={ckpt_path} cannot be loaded as a checkpoint ({first})") from None
+    ckpt = _torch_load(ckpt_path)
     config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
     if not isinstance(config, dict) or "data" not in config or "model" not in config:
         raise CheckpointError(f"ckpt_path={ckpt_path} is not an mlplab checkpoint (no stored run config)")
