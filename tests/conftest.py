@@ -91,6 +91,13 @@ def write_tiny_mnist(root: Path, folder: str = "MNIST", n_train: int = 60, n_tes
     return arrays
 
 
+@pytest.fixture(autouse=True)
+def _no_hydra_config_left_over():
+    """compose_cfg sets Hydra's global HydraConfig (as a run would); no test sees another's."""
+    yield
+    HydraConfig.instance().cfg = None
+
+
 @pytest.fixture(scope="session")
 def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private copy of the real MNIST and Fashion-MNIST raw files (skip if absent)."""

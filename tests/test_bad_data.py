@@ -86,8 +86,8 @@ def test_a_truncated_archive_is_refused_and_leaves_no_extracted_file(tmp_path):
 
 @pytest.fixture
 def real_mnist(real_data_dir, tmp_path) -> Path:
-    """A writable copy of the real MNIST archives."""
-    shutil.copytree(real_data_dir / "MNIST", tmp_path / "MNIST")
+    """A writable copy of the real MNIST archives (only the .gz: other tests extract next to them)."""
+    shutil.copytree(real_data_dir / "MNIST", tmp_path / "MNIST", ignore=lambda _dir, names: [n for n in names if n != "raw" and not n.endswith(".gz")])
     return tmp_path
 
 
