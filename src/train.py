@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from mlplab.cli import expand_resume, register_resolvers, run_job, set_project_root
+from mlplab.cli import expand_resume, prepare_argv, register_resolvers, run_job, set_project_root
 from mlplab.training import fit
 
 set_project_root(__file__)
@@ -23,4 +23,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     sys.argv = expand_resume(sys.argv)  # resume=<run dir>: that run's config, in that dir
+    prepare_argv()
     main()

@@ -276,7 +276,7 @@ def test_a_dir_holding_an_earlier_run_is_refused_before_hydra_writes(tmp_path: P
             hook(cfg)
         assert info.value.code == EXIT_USER_ERROR
         err = capsys.readouterr().err.strip()
-        assert err.startswith(f"error: {key}={earlier} already holds an earlier run") and "resume=" in err, err
+        assert err.startswith(f"error: {key}={earlier} already holds an earlier") and "allowed: a new dir" in err, err
     assert (earlier / ".hydra" / "config.yaml").read_text() == "seed: 1\n"
     # resume= and DDP's extra ranks write no .hydra/ (output_subdir null): they may use the dir.
     check.on_run_start(OmegaConf.create({"hydra": {"run": {"dir": str(earlier)}, "output_subdir": None}}))

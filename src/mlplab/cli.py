@@ -7,7 +7,9 @@
 - a single run that fails before training started leaves nothing in ``logs/`` (its dir
   holds only Hydra's own files, which are removed) and exits 2; after training started the
   dir is kept, marked failed;
-- in a multirun a failing job is recorded and the sweep goes on, unless ``fail_fast``.
+- in a multirun a failing job is recorded and the sweep goes on, unless ``fail_fast``;
+- under DDP (:mod:`mlplab.distributed`) the job's child ranks, process group and launch
+  environment end with the job.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab import runs
+from mlplab.distributed import ddp_job, external_rank_argv
 from mlplab.errors import MlplabError, RunInterrupted
 
 EXIT_USER_ERROR = 2
@@ -46,8 +49,30 @@ def register_resolvers() -> None:
 
 
 def set_project_root(entry_file: str) -> None:
-    """``paths.root_dir`` defaults to the checkout holding ``src/<entry>.py``."""
+    """``paths.root_dir`` defaults to the checkout holding ``src/<entry>.py``.
+
+    The entry script is recorded too (``MLPLAB_ENTRY``): DDP child ranks re-run it, also
+    from sweep launchers whose workers are not started from the script.
+    """
     os.environ.setdefault("MLPLAB_ROOT", str(Path(entry_file).resolve().parents[1]))
+    os.environ["MLPLAB_ENTRY"] = str(Path(entry_file).resolve())
+
+
+def prepare_argv() -> None:
+    """Adjust ``sys.argv`` before Hydra parses it, for ranks started by torchrun/srun.
+
+    See :func:`mlplab.distributed.external_rank_argv`; a bad launch is one line on
+    stderr and exit code 2, before any output dir exists.
+    """
+    try:
+        sys.argv = external_rank_argv(sys.argv)
+    except MlplabError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+#: What marks a dir as holding a run (a sweep dir holds job dirs: any entry at all).
+RUN_ARTIFACTS = (".hydra", runs.RUN_FILE, "checkpoints", "tensorboard", "csv")
 
 
 class CheckOutputDir(Callback):
@@ -68,7 +93,8 @@ class CheckOutputDir(Callback):
             print(f"error: {key}={directory} {why}; allowed: {allowed}", file=sys.stderr, flush=True)
             sys.exit(EXIT_USER_ERROR)
 
-        if fresh and path.is_dir() and any(path.iterdir()):
+        # A run's own files (not logs: DDP ranks may already be writing theirs).
+        if fresh and path.is_dir() and any((path / name).exists() for name in RUN_ARTIFACTS):
             fail(
                 "already holds an earlier run, which is never overwritten",
                 f"a new dir (leave {key} at its default, unique per run), or resume=<run dir> to continue a run",
@@ -85,7 +111,16 @@ class CheckOutputDir(Callback):
         self._check("hydra.run.dir", config.hydra.run.dir, fresh=config.hydra.output_subdir is not None)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check("hydra.sweep.dir", config.hydra.sweep.dir, fresh=True)
+        sweep = Path(str(config.hydra.sweep.dir))
+        if sweep.is_dir() and any(sweep.iterdir()):
+            print(
+                f"error: hydra.sweep.dir={sweep} already holds an earlier sweep, which is never overwritten; "
+                "allowed: a new dir (leave hydra.sweep.dir at its default, unique per sweep)",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(EXIT_USER_ERROR)
+        self._check("hydra.sweep.dir", sweep, fresh=False)
 
 
 def _hydra_job() -> tuple[bool, list[str]]:
@@ -149,7 +184,9 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, float]]) -> 
         })
 
     try:
-        metrics = dict(task(cfg))
+        # The job's DDP ranks end with it: a sweep's next job starts from scratch.
+        with ddp_job():
+            metrics = dict(task(cfg))
     except RunInterrupted as err:  # SIGINT/SIGTERM: last.ckpt is good, resume=<dir> continues; a sweep stops
         message = _one_line(err)
         print(f"interrupted: {message}", file=sys.stderr, flush=True)
