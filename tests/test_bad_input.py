@@ -251,20 +251,17 @@ def test_cli_eval_bad_checkpoint(tmp_path):
     assert _ckpts(tmp_path) == [bad]
 
 
-def test_cli_unwritable_log_dir_and_missing_gpu(tmp_path):
-    """Hydra's own dir creation and Lightning's accelerator checks end in one line too."""
+def test_cli_unwritable_log_dir(tmp_path):
+    """Hydra makes the run dir itself: one that cannot be made is one line too, not Hydra's traceback.
+
+    (``trainer=gpu`` without a GPU and the other hardware cases go through the same
+    ``run_job`` path in ``test_bad_config_values``.)
+    """
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     proc = run_cli("train", ["trainer=cpu", f"paths.log_dir={blocker / 'logs'}"], cwd=tmp_path, env={"MLPLAB_ROOT": str(tmp_path)})
     _assert_user_error(proc, f"hydra.run.dir={blocker / 'logs' / 'runs'}", "cannot be written", "allowed: a writable folder")
     assert "Traceback" not in proc.stderr and blocker.read_text() == "not a folder"
-
-    log_dir = tmp_path / "logs"
-    bad = ["trainer=gpu"] if not torch.cuda.is_available() else ["trainer=gpu", f"trainer.devices={torch.cuda.device_count() + 1}"]
-    proc = run_cli("train", [*bad, f"paths.log_dir={log_dir}"], cwd=tmp_path, env={"MLPLAB_ROOT": str(tmp_path)})
-    _assert_user_error(proc, "trainer.")
-    assert "Traceback" not in proc.stderr
-    assert not log_dir.exists() or not any(p.is_file() for p in log_dir.rglob("*"))  # nothing in logs/
 
 
 # -- property-based: any numeric override either trains or is one clean error ------------------
