@@ -28,9 +28,12 @@ class MisclassifiedImages(L.Callback):
         self._targets: list[Tensor] = []
         self._count = 0
         self._active = False
+        #: How many images the last test's grid showed.
+        self.num_logged = 0
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._images, self._preds, self._targets, self._count = [], [], [], 0
+        self.num_logged = 0
         self._active = tensorboard_writer(trainer) is not None and is_image_shape(input_shape(trainer))
 
     def on_test_batch_end(
@@ -57,4 +60,5 @@ class MisclassifiedImages(L.Callback):
         fig = image_grid(images, titles, input_shape(trainer), colors=["red"] * len(titles), ncols=self.ncols)
         fig.suptitle("misclassified test images: predicted (true)", fontsize=9)
         log_figure(writer, "test/misclassified", fig, trainer.global_step)
+        self.num_logged = len(titles)
         self._images, self._preds, self._targets = [], [], []
