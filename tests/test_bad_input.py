@@ -74,6 +74,9 @@ BAD_VALUES = [
     (["trainer.devices=0"], ["trainer.devices=0"]),
     (["optimized_metric=val/accuracy"], ["optimized_metric='val/accuracy'", "val/acc_best"]),
     (["engine=keras"], ["engine='keras'", "lightning", "ignite"]),
+    # diagnostics callbacks
+    (["callbacks.misclassified.max_images=0"], ["callbacks.misclassified.max_images=0", "positive integer"]),
+    (["callbacks.gradient_norms.every_n_steps=often"], ["callbacks.gradient_norms.every_n_steps='often'", "positive integer"]),
 ]
 
 
