@@ -243,3 +243,30 @@ def test_bad_callback_settings(cls, kwargs, expected):
     with pytest.raises(ConfigError, match="allowed: a positive integer") as info:
         cls(**kwargs)
     assert str(info.value).startswith(expected + " is invalid")
+
+
+def test_diagnostics_are_not_dispatched_on_the_batch_hooks_they_do_not_use():
+    """Lightning calls every callback on every batch; ours opt out of the hooks they leave alone."""
+    from lightning.pytorch.trainer import call
+
+    from mlplab.callbacks.base import PER_BATCH_HOOKS
+
+    used = {
+        GradientNorms(): {"on_before_optimizer_step"},
+        WeightHistograms(): set(),
+        WeightHistograms(gradients=True): {"on_train_batch_end"},
+        SampleInputs(): set(),
+        TestReport(): {"on_test_batch_end"},
+        MisclassifiedImages(): {"on_test_batch_end"},
+        DecisionBoundary(): set(),
+    }
+    for cb, hooks in used.items():
+        dispatched = {name for name in PER_BATCH_HOOKS if callable(getattr(cb, name))}
+        assert dispatched == hooks, (type(cb).__name__, dispatched)
+
+    # Lightning's dispatcher skips a hook that is not callable (what the opt-out relies on).
+    class Probe:
+        lightning_module = None
+        callbacks = [SampleInputs()]
+
+    call._call_callback_hooks(Probe(), "on_train_batch_start", None, 0)  # would raise if it called None

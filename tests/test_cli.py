@@ -250,6 +250,9 @@ def test_eval_reproduces_train_test_accuracy(digits_runs: dict) -> None:
         m.name.tag for d in _hparams(eval_ea).values() if d.HasField("experiment") for m in d.experiment.metric_infos
     }
     assert "test/acc" in metric_names and "hp_metric" not in _all_tags(eval_ea)
+    # The test-time diagnostics come with eval too (callbacks=default), and nothing of training.
+    assert set(eval_ea.Tags()["images"]) == {"test/confusion_matrix", "test/misclassified"}
+    assert "test/report/text_summary" in eval_ea.Tags()["tensors"] and not eval_ea.Tags()["histograms"]
 
 
 # -- e. multirun ----------------------------------------------------------------------------

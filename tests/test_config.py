@@ -343,6 +343,7 @@ def test_eval_config_composes(tmp_path, monkeypatch):
     assert cfg.data.data_dir == str(tmp_path / "datasets")
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer" and cfg.trainer.devices == 1
     assert set(cfg.logger) == {"tensorboard"}
+    assert {"test_report", "misclassified"} <= set(cfg.callbacks)  # the test-time diagnostics
     assert "model" not in cfg and "optimizer" not in cfg  # those come from the checkpoint
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     validate_trainer(cfg)

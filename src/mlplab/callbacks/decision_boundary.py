@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mlplab.callbacks.base import LeanCallback
 from mlplab.callbacks.plotting import class_names, log_figure, new_figure, tensorboard_writer
 from mlplab.validation import positive_int
 
@@ -65,7 +66,7 @@ def boundary_figure(
     return fig
 
 
-class DecisionBoundary(L.Callback):
+class DecisionBoundary(LeanCallback):
     """Image ``train/decision_boundary`` every ``every_n_epochs`` epochs and at the end of
     training (the training points), and ``test/decision_boundary`` at test end (the test
     points, the tested weights). Only for two-dimensional inputs (the DataModule's
@@ -73,6 +74,7 @@ class DecisionBoundary(L.Callback):
     """
 
     def __init__(self, every_n_epochs: int = 10, resolution: int = 200) -> None:
+        super().__init__()
         self.every_n_epochs = positive_int("callbacks.decision_boundary.every_n_epochs", every_n_epochs)
         self.resolution = positive_int("callbacks.decision_boundary.resolution", resolution)
         self._last_drawn: int | None = None

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
+from mlplab.callbacks.base import LeanCallback
 from mlplab.callbacks.plotting import log_figure, new_figure, tensorboard_writer
 from mlplab.validation import positive_int
 
@@ -31,7 +32,7 @@ def gradient_norms(module: torch.nn.Module) -> Tensor:
     )
 
 
-class GradientNorms(L.Callback):
+class GradientNorms(LeanCallback):
     """Logs ``grad_norm/layer_01``, ``grad_norm/layer_02``, ... and a depth-vs-norm figure.
 
     Nothing runs on other steps: on every ``every_n_steps``-th optimizer step (default:
@@ -44,6 +45,7 @@ class GradientNorms(L.Callback):
     """
 
     def __init__(self, every_n_steps: int | None = None, figure_every_n_epochs: int | None = None) -> None:
+        super().__init__()
         self.every_n_steps = None if every_n_steps is None else positive_int("callbacks.gradient_norms.every_n_steps", every_n_steps)
         self.figure_every_n_epochs = (
             None

@@ -7,11 +7,12 @@ from typing import Any
 import lightning as L
 
 from mlplab.callbacks.gradients import layer_weights
+from mlplab.callbacks.base import LeanCallback
 from mlplab.callbacks.plotting import tensorboard_writer
 from mlplab.validation import positive_int
 
 
-class WeightHistograms(L.Callback):
+class WeightHistograms(LeanCallback):
     """TensorBoard histograms ``weights/layer_01``, ... (and ``gradients/layer_01``, ...).
 
     Layers are numbered as in :class:`~mlplab.callbacks.GradientNorms` (weight matrices,
@@ -22,8 +23,11 @@ class WeightHistograms(L.Callback):
     """
 
     def __init__(self, every_n_epochs: int = 1, gradients: bool = False) -> None:
+        super().__init__()
         self.every_n_epochs = positive_int("callbacks.weight_histograms.every_n_epochs", every_n_epochs)
         self.gradients = bool(gradients)
+        if not self.gradients:
+            self.skip("on_train_batch_end")
 
     def _due(self, trainer: L.Trainer) -> bool:
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0

@@ -8,11 +8,12 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from mlplab.callbacks.base import LeanCallback
 from mlplab.callbacks.plotting import class_names, image_grid, input_shape, is_image_shape, log_figure, tensorboard_writer
 from mlplab.validation import positive_int
 
 
-class MisclassifiedImages(L.Callback):
+class MisclassifiedImages(LeanCallback):
     """The first ``max_images`` test images the model gets wrong, as image ``test/misclassified``.
 
     Each picture is titled ``<predicted>`` over ``(<true>)``, in red. Image data only
@@ -21,6 +22,7 @@ class MisclassifiedImages(L.Callback):
     """
 
     def __init__(self, max_images: int = 32, ncols: int = 8) -> None:
+        super().__init__()
         self.max_images = positive_int("callbacks.misclassified.max_images", max_images)
         self.ncols = positive_int("callbacks.misclassified.ncols", ncols)
         self._images: list[Tensor] = []

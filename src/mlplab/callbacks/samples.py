@@ -5,11 +5,12 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from mlplab.callbacks.base import LeanCallback
 from mlplab.callbacks.plotting import class_names, image_grid, input_shape, is_image_shape, log_figure, tensorboard_writer
 from mlplab.validation import positive_int
 
 
-class SampleInputs(L.Callback):
+class SampleInputs(LeanCallback):
     """The first ``num_images`` training inputs, as the model sees them (after
     normalisation), titled with their class names: image ``train/samples``.
 
@@ -18,6 +19,7 @@ class SampleInputs(L.Callback):
     """
 
     def __init__(self, num_images: int = 32, ncols: int = 8) -> None:
+        super().__init__()
         self.num_images = positive_int("callbacks.sample_inputs.num_images", num_images)
         self.ncols = positive_int("callbacks.sample_inputs.ncols", ncols)
 

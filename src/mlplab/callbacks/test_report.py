@@ -16,6 +16,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from mlplab.callbacks.base import LeanCallback
 from mlplab.callbacks.plotting import class_names, log_figure, new_figure, tensorboard_writer
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def format_report(rows: list[tuple], accuracy: float, markdown: bool) -> str:
     return "\n".join(lines) + f"\n{'accuracy':>{width}}  {accuracy:.4f}"
 
 
-class TestReport(L.Callback):
+class TestReport(LeanCallback):
     """Confusion matrix and per-class precision, recall, F1 of the test set.
 
     Predictions are accumulated on the device during testing (torchmetrics; summed
@@ -54,6 +55,7 @@ class TestReport(L.Callback):
     __test__ = False  # not a pytest test class
 
     def __init__(self) -> None:
+        super().__init__()
         self.metrics: MetricCollection | None = None
         self.confusion_metric: MulticlassConfusionMatrix | None = None
         self.confusion: Tensor | None = None
