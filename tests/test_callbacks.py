@@ -113,7 +113,7 @@ def test_diagnostics_on_digits(tmp_path: Path, caplog: pytest.LogCaptureFixture)
     dm = DigitsDataModule(batch_size=32)
     net = MLP(dm.input_dim, dm.num_classes, hidden_sizes=[64, 32, 32])
     grads = GradientNorms(every_n_steps=5)
-    report, wrong, hist = TestReport(), MisclassifiedImages(max_images=8, ncols=4), WeightHistograms(gradients=True)
+    report, wrong, hist = TestReport(), MisclassifiedImages(max_images=8, ncols=4), WeightHistograms(1, gradients=True)
     callbacks = [grads, hist, SampleInputs(num_images=16), report, wrong, DecisionBoundary()]
     logger = TensorBoardLogger(str(tmp_path), name="tb", version="")
     with caplog.at_level(logging.INFO, logger="mlplab.callbacks.test_report"):
@@ -186,7 +186,7 @@ def test_decision_boundary_on_two_dimensional_data(tmp_path: Path) -> None:
     dm = Halves2D(batch_size=32, val_size=50)
     net = MLP(dm.input_dim, dm.num_classes, hidden_sizes=[16], activation="tanh")
     boundary = DecisionBoundary(every_n_epochs=2, resolution=60)
-    callbacks = [boundary, SampleInputs(), MisclassifiedImages(), GradientNorms(every_n_steps=4)]
+    callbacks = [boundary, SampleInputs(), MisclassifiedImages(), GradientNorms(every_n_steps=4), WeightHistograms()]
     logger = TensorBoardLogger(str(tmp_path), name="tb", version="")
     trainer, model = _fit(dm, net, callbacks, logger, epochs=3, lr=0.2)
     steps_per_epoch = trainer.global_step // 3
@@ -195,6 +195,8 @@ def test_decision_boundary_on_two_dimensional_data(tmp_path: Path) -> None:
     # After epoch 1 (every 2 epochs), at the end of training, and once for the test set.
     assert [e.step for e in ea.Images("train/decision_boundary")] == [2 * steps_per_epoch, 3 * steps_per_epoch]
     assert len(ea.Images("test/decision_boundary")) == 1
+    # Weight histograms by default: the initialisation and the end of training only.
+    assert [e.step for e in ea.Histograms("weights/layer_01")] == [0, 3 * steps_per_epoch]
     # Not pictures: no sample or misclassified grids for 2-D points.
     assert "train/samples" not in ea.Tags()["images"] and "test/misclassified" not in ea.Tags()["images"]
 
@@ -215,7 +217,7 @@ def test_diagnostics_without_tensorboard(tmp_path: Path) -> None:
     dm = DigitsDataModule(batch_size=128)
     net = MLP(dm.input_dim, dm.num_classes, hidden_sizes=[16])
     report, grads = TestReport(), GradientNorms(every_n_steps=3)
-    callbacks = [grads, WeightHistograms(), SampleInputs(), report, MisclassifiedImages(), DecisionBoundary()]
+    callbacks = [grads, WeightHistograms(1), SampleInputs(), report, MisclassifiedImages(), DecisionBoundary()]
     _fit(dm, net, callbacks, CSVLogger(str(tmp_path), name="csv", version=""), epochs=1)
     with open(tmp_path / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -254,7 +256,8 @@ def test_diagnostics_are_not_dispatched_on_the_batch_hooks_they_do_not_use():
     used = {
         GradientNorms(): {"on_before_optimizer_step"},
         WeightHistograms(): set(),
-        WeightHistograms(gradients=True): {"on_train_batch_end"},
+        WeightHistograms(gradients=True): set(),  # gradients only with every_n_epochs
+        WeightHistograms(every_n_epochs=2, gradients=True): {"on_train_batch_end"},
         SampleInputs(): set(),
         TestReport(): {"on_test_batch_end"},
         MisclassifiedImages(): {"on_test_batch_end"},

@@ -248,7 +248,7 @@ def test_callback_options(tmp_path, option, types):
         grads, hist = by_type[GradientNorms], by_type[WeightHistograms]
         assert grads.every_n_steps == (1 if full else None)  # None: trainer.log_every_n_steps
         assert grads.figure_every_n_epochs == (1 if full else None)
-        assert hist.every_n_epochs == 1 and hist.gradients is full
+        assert hist.every_n_epochs == (1 if full else None) and hist.gradients is full
         assert by_type[DecisionBoundary].every_n_epochs == (1 if full else 10)
         assert by_type[MisclassifiedImages].max_images == (64 if full else 32)
     for cb in callbacks:
