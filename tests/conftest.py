@@ -42,6 +42,13 @@ QUICK = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _no_hydra_config_left_behind():
+    """compose_cfg sets Hydra's global HydraConfig; each test starts and ends without one."""
+    yield
+    HydraConfig.instance().cfg = None
+
+
 def compose_cfg(overrides: list[str], out_dir: Path, config_name: str = "train") -> DictConfig:
     """Compose a config as the CLI would, with every output under ``out_dir``."""
     GlobalHydra.instance().clear()
