@@ -52,7 +52,10 @@ def test_default_train_config(tmp_path):
     assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.CosineAnnealingLR" and cfg.scheduler.T_max == 10
     assert cfg.trainer.accelerator == "auto" and cfg.trainer.devices == 1 and cfg.trainer.max_epochs == 10
     assert set(cfg.logger) == {"tensorboard"}
-    assert set(cfg.callbacks) == {"model_checkpoint", "progress_bar"}
+    assert set(cfg.callbacks) == {
+        "model_checkpoint", "progress_bar",
+        "gradient_norms", "weight_histograms", "sample_inputs", "test_report", "misclassified", "decision_boundary",
+    }
     assert cfg.engine == "lightning"
     assert cfg.seed == 42 and cfg.ckpt_path is None and cfg.test is True
     assert cfg.optimized_metric == "val/acc_best"
