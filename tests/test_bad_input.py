@@ -102,6 +102,9 @@ BAD_VALUES = [
         if not torch.cuda.is_available()
         else [(["trainer=gpu", "trainer.devices=[0,99]"], ["names GPU 99"])]
     ),
+    # diagnostics callbacks
+    (["callbacks.misclassified.max_images=0"], ["callbacks.misclassified.max_images=0", "positive integer"]),
+    (["callbacks.gradient_norms.every_n_steps=often"], ["callbacks.gradient_norms.every_n_steps='often'", "positive integer"]),
 ]
 
 

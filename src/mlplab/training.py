@@ -52,7 +52,7 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     """Every ``_target_`` entry of a dict-of-objects group (callbacks, logger)."""
     if not group:
         return []
-    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+    return [_instantiate_checked(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
 def _instantiate_checked(node: DictConfig, group: str, **kwargs: Any) -> Any:
