@@ -3,10 +3,12 @@
 See ``python src/train.py --help`` and README.md.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from mlplab.cli import prepare_argv, register_resolvers, run_job, set_project_root
+from mlplab.cli import expand_resume, prepare_argv, register_resolvers, run_job, set_project_root
 from mlplab.training import fit
 
 set_project_root(__file__)
@@ -20,5 +22,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = expand_resume(sys.argv)  # resume=<run dir>: that run's config, in that dir
     prepare_argv()
     main()

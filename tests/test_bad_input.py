@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import QUICK, compose_cfg, run_cli
+from mlplab.cli import EXIT_USER_ERROR, run_job
 from mlplab.errors import CheckpointError, ConfigError, DataError, MlplabError
 from mlplab.models import Classifier
-from mlplab.training import evaluate, train
+from mlplab.training import evaluate, fit, train
 
 
 @pytest.fixture
@@ -76,19 +79,56 @@ BAD_VALUES = [
     (["trainer=ddp_cpu", "trainer.num_nodes=0"], ["trainer.num_nodes=0", "positive integer"]),
     (["optimized_metric=val/accuracy"], ["optimized_metric='val/accuracy'", "val/acc_best"]),
     (["engine=keras"], ["engine='keras'", "lightning", "ignite"]),
+    # more ranges and types
+    (["model.dropout=1.0"], ["model.dropout=1.0", "[0, 1.0)"]),
+    (["model.dropout=-0.2"], ["model.dropout=-0.2", "[0, 1.0)"]),
+    (["data.train_size=0.8", "data.val_size=0.5"], ["data.train_size=0.8", "data.val_size=0.5", "train + val <="]),
+    (["optimizer.weight_decay=-1"], ["optimizer.weight_decay=-1", ">= 0"]),
+    (["optimizer.lr=inf"], ["optimizer.lr=inf", "finite number > 0"]),
+    (["trainer.max_epochs=2.5"], ["trainer.max_epochs=2.5", "positive integer"]),
+    (["seed=abc"], ["seed='abc'", "an integer"]),
+    (["data.split_seed=1.5"], ["data.split_seed=1.5", "an integer"]),
+    (["data.eval_batch_size=0"], ["data.eval_batch_size=0", "positive integer"]),
+    (["model.hidden_sizes=[64,abc]"], ["model.hidden_sizes[1]='abc'", "positive integer"]),
+    (["model.hidden_sizes=64"], ["model.hidden_sizes=64", "non-empty list"]),
+    # a key the net or the data does not have (an unknown init, a loss option ...)
+    (["+model.init=xavier"], ["model.init='xavier'", "mlplab.models.MLP has no such option", "hidden_sizes, activation, dropout"]),
+    (["+data.loss=focal"], ["data.loss='focal'", "allowed keys: batch_size"]),
+    # hardware this machine does not have
+    (["trainer.accelerator=tpu9"], ["trainer.accelerator='tpu9'", "cpu", "gpu"]),
+    ([f"trainer.devices={os.cpu_count() + 1}"], [f"trainer.devices={os.cpu_count() + 1} but this machine has {os.cpu_count()} CPU cores"]),
+    *(
+        [(["trainer=gpu"], ["trainer.accelerator=gpu but this machine has no usable GPU", "trainer=cpu"])]
+        if not torch.cuda.is_available()
+        else [(["trainer=gpu", "trainer.devices=[0,99]"], ["names GPU 99"])]
+    ),
+    # diagnostics callbacks
+    (["callbacks.misclassified.max_images=0"], ["callbacks.misclassified.max_images=0", "positive integer"]),
+    (["callbacks.gradient_norms.every_n_steps=often"], ["callbacks.gradient_norms.every_n_steps='often'", "positive integer"]),
 ]
 
 
 @pytest.mark.parametrize(("overrides", "expected"), BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
-def test_bad_config_values(tmp_path, no_training, monkeypatch, overrides, expected):
+def test_bad_config_values(tmp_path, no_training, monkeypatch, capsys, overrides, expected):
+    """Through the entry point's run_job: one line, exit 2, and the run dir Hydra made is gone."""
     monkeypatch.setenv("MLPLAB_DATA_DIR", str(tmp_path / "no-data"))
-    err = _train_error(overrides, tmp_path / "run")
-    assert isinstance(err, ConfigError)
-    msg = str(err)
+    log_dir = tmp_path / "logs"
+    out = log_dir / "runs" / "2026-01-01" / "00-00-00_abcdef"
+    (out / ".hydra").mkdir(parents=True)  # what Hydra leaves before the task runs
+    (out / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    (out / "train.log").write_text("")
+    cfg = compose_cfg(QUICK + ["logger=none", *overrides], out)
+    cfg.paths.log_dir = str(log_dir)
+    with pytest.raises(SystemExit) as info:
+        run_job(cfg, fit)
+    assert info.value.code == EXIT_USER_ERROR
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    msg = lines[0]
     for part in expected:
         assert part in msg, (part, msg)
     assert "allowed" in msg
-    assert "\n" not in msg  # one line on stderr
+    assert list(log_dir.rglob("*")) == []  # nothing written to logs/
 
 
 @pytest.mark.parametrize(("data", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
@@ -212,3 +252,71 @@ def test_cli_eval_bad_checkpoint(tmp_path):
     proc = _cli("eval", [f"ckpt_path={bad}"], tmp_path)
     _assert_user_error(proc, f"ckpt_path={bad}")
     assert _ckpts(tmp_path) == [bad]
+
+
+def test_cli_unwritable_log_dir(tmp_path):
+    """Hydra makes the run dir itself: one that cannot be made is one line too, not Hydra's traceback.
+
+    (``trainer=gpu`` without a GPU and the other hardware cases go through the same
+    ``run_job`` path in ``test_bad_config_values``.)
+    """
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = run_cli("train", ["trainer=cpu", f"paths.log_dir={blocker / 'logs'}"], cwd=tmp_path, env={"MLPLAB_ROOT": str(tmp_path)})
+    _assert_user_error(proc, f"hydra.run.dir={blocker / 'logs' / 'runs'}", "cannot be written", "allowed: a writable folder")
+    assert "Traceback" not in proc.stderr and blocker.read_text() == "not a folder"
+
+
+# -- property-based: any numeric override either trains or is one clean error ------------------
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hydra.errors import ConfigCompositionException, OverrideParseException  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from mlplab.errors import MlplabError as _MlplabError  # noqa: E402
+
+
+def _num(valid: st.SearchStrategy, anything: st.SearchStrategy) -> st.SearchStrategy[str]:
+    """Hydra override values: mostly valid ones (so that runs do train), else anything at all --
+    out of range, nan/inf, strings where numbers belong."""
+    special = st.sampled_from(["nan", "inf", "-inf", "abc", "null", "''", "[1]"])
+    fmt = lambda v: repr(v) if isinstance(v, float) else str(v)  # noqa: E731
+    bad = st.one_of(anything.map(fmt), special)
+    return st.sampled_from([True, True, False]).flatmap(lambda ok: valid.map(fmt) if ok else bad)
+
+
+NUMERIC_OVERRIDES = {
+    "optimizer.lr": _num(st.floats(1e-4, 1.0), st.one_of(st.integers(-2, 3), st.floats(-1.0, 1e6))),
+    "optimizer.momentum": _num(st.floats(0.0, 0.99), st.one_of(st.integers(-1, 2), st.floats(-0.5, 1.5))),
+    "data.batch_size": _num(st.integers(1, 512), st.one_of(st.integers(-4, 4096), st.floats(-1.0, 64.0))),
+    "data.val_size": _num(st.one_of(st.integers(1, 500), st.floats(0.01, 0.9)), st.one_of(st.integers(-5, 3000), st.floats(-0.5, 1.5))),
+    "trainer.max_epochs": _num(st.integers(1, 2), st.one_of(st.integers(-2, 0), st.floats(-1.0, 2.0))),
+    "model.dropout": _num(st.floats(0.0, 0.9), st.one_of(st.integers(-1, 2), st.floats(-0.5, 1.5))),
+    "model.hidden_sizes": _num(
+        st.lists(st.integers(1, 48), min_size=1, max_size=3), st.lists(st.integers(-3, 48), max_size=3)
+    ).map(lambda v: v.replace(" ", "")),
+}
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.fixed_dictionaries({}, optional=NUMERIC_OVERRIDES))
+def test_any_numeric_override_trains_or_is_one_clean_error(tmp_path, values):
+    overrides = [f"{key}={value}" for key, value in values.items()]
+    # Tiny when it does train: 2 batches, 1 validation batch, no test, nothing written but checkpoints.
+    tiny = ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.num_sanity_val_steps=0", "test=false"]
+    out = tmp_path / "hyp" / uuid.uuid4().hex  # a fresh dir per example
+    try:
+        cfg = compose_cfg(QUICK + ["logger=none", *tiny, *overrides], out)
+    except (OverrideParseException, ConfigCompositionException) as err:  # Hydra's own message (exit 1)
+        assert any(key in str(err) for key in values) or "override" in str(err).lower(), repr(err)
+        event("Hydra's parse error")
+        return
+    try:
+        result = train(cfg)
+    except _MlplabError as err:
+        msg = str(err)
+        assert "\n" not in msg and "allowed" in msg and "=" in msg, msg
+        event(type(err).__name__)
+        return
+    assert result is None or 0.0 <= result <= 1.0
+    event("trained")

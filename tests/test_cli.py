@@ -226,6 +226,17 @@ def test_single_run_outputs_and_tensorboard(digits_runs: dict) -> None:
     assert "hp_metric" not in _all_tags(ea) and "hp_metric" not in scalars
     assert scalars["val/acc_best"][-1][1] > 0.5
 
+    # The default diagnostics (callbacks=default): gradient norms every log_every_n_steps (50;
+    # 38 steps an epoch), weight histograms, sample/confusion/misclassified images, the report.
+    for i in (1, 2, 3):
+        assert [s for s, _ in scalars[f"grad_norm/layer_{i:02d}"]] == [0, 50]
+    assert "grad_norm/layer_04" not in scalars
+    tags = ea.Tags()
+    assert {"train/samples", "grad_norm/by_depth", "test/confusion_matrix", "test/misclassified"} == set(tags["images"])
+    assert {"weights/layer_01", "weights/layer_02", "weights/layer_03"} == set(tags["histograms"])
+    assert "test/report/text_summary" in tags["tensors"]
+    assert "macro avg" in (run_dir / "train.log").read_text()
+
 
 def test_eval_reproduces_train_test_accuracy(digits_runs: dict) -> None:
     tmp, log_dir = digits_runs["tmp"], digits_runs["log_dir"]
@@ -256,6 +267,9 @@ def test_eval_reproduces_train_test_accuracy(digits_runs: dict) -> None:
         m.name.tag for d in _hparams(eval_ea).values() if d.HasField("experiment") for m in d.experiment.metric_infos
     }
     assert "test/acc" in metric_names and "hp_metric" not in _all_tags(eval_ea)
+    # The test-time diagnostics come with eval too (callbacks=default), and nothing of training.
+    assert set(eval_ea.Tags()["images"]) == {"test/confusion_matrix", "test/misclassified"}
+    assert "test/report/text_summary" in eval_ea.Tags()["tensors"] and not eval_ea.Tags()["histograms"]
 
 
 # -- e. multirun ----------------------------------------------------------------------------

@@ -11,6 +11,14 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
 
 from conftest import CONF, QUICK, compose_cfg
+from mlplab.callbacks import (
+    DecisionBoundary,
+    GradientNorms,
+    MisclassifiedImages,
+    SampleInputs,
+    TestReport,
+    WeightHistograms,
+)
 from mlplab.config import validate_train_config, validate_trainer
 from mlplab.data import DigitsDataModule, FashionMNISTDataModule, MNISTDataModule
 from mlplab.models import MLP, SigmoidNet, SimpleNet
@@ -29,7 +37,7 @@ def test_groups_listed_here_are_all_the_groups_there_are():
     assert _options("scheduler") == {"none", "cosine", "onecycle"}
     assert _options("trainer") == {"default", "cpu", "gpu", "ddp", "ddp_cpu"}
     assert _options("logger") == {"tensorboard", "csv", "many_loggers", "none"}
-    assert _options("callbacks") == {"default", "early_stopping", "none"}
+    assert _options("callbacks") == {"default", "early_stopping", "diagnostics", "none"}
     assert _options("debug") == {"fdr", "overfit"}
     assert _options("experiment") == {"lesson_d_fashion", "mnist_fast", "fashion_fast"}
 
@@ -44,7 +52,10 @@ def test_default_train_config(tmp_path):
     assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.CosineAnnealingLR" and cfg.scheduler.T_max == 10
     assert cfg.trainer.accelerator == "auto" and cfg.trainer.devices == 1 and cfg.trainer.max_epochs == 10
     assert set(cfg.logger) == {"tensorboard"}
-    assert set(cfg.callbacks) == {"model_checkpoint", "progress_bar"}
+    assert set(cfg.callbacks) == {
+        "model_checkpoint", "progress_bar",
+        "gradient_norms", "weight_histograms", "sample_inputs", "test_report", "misclassified", "decision_boundary",
+    }
     assert cfg.engine == "lightning"
     assert cfg.seed == 42 and cfg.ckpt_path is None and cfg.test is True
     assert cfg.optimized_metric == "val/acc_best"
@@ -222,11 +233,15 @@ def test_logger_options(tmp_path, option, types):
         assert names[CSVLogger] == "csv"
 
 
+DIAGNOSTICS = [GradientNorms, WeightHistograms, SampleInputs, TestReport, MisclassifiedImages, DecisionBoundary]
+
+
 @pytest.mark.parametrize(
     ("option", "types"),
     [
-        ("default", [ModelCheckpoint, TQDMProgressBar]),
-        ("early_stopping", [ModelCheckpoint, TQDMProgressBar, EarlyStopping]),
+        ("default", [ModelCheckpoint, TQDMProgressBar, *DIAGNOSTICS]),
+        ("early_stopping", [ModelCheckpoint, TQDMProgressBar, EarlyStopping, *DIAGNOSTICS]),
+        ("diagnostics", [ModelCheckpoint, TQDMProgressBar, *DIAGNOSTICS]),
         ("none", []),
     ],
 )
@@ -234,6 +249,15 @@ def test_callback_options(tmp_path, option, types):
     cfg = compose_cfg([f"callbacks={option}"], tmp_path)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     assert sorted(type(c).__name__ for c in callbacks) == sorted(t.__name__ for t in types)
+    by_type = {type(c): c for c in callbacks}
+    if GradientNorms in by_type:
+        full = option == "diagnostics"  # everything at full rate; the default is cheap
+        grads, hist = by_type[GradientNorms], by_type[WeightHistograms]
+        assert grads.every_n_steps == (1 if full else None)  # None: trainer.log_every_n_steps
+        assert grads.figure_every_n_epochs == (1 if full else None)
+        assert hist.every_n_epochs == (1 if full else None) and hist.gradients is full
+        assert by_type[DecisionBoundary].every_n_epochs == (1 if full else 10)
+        assert by_type[MisclassifiedImages].max_images == (64 if full else 32)
     for cb in callbacks:
         if isinstance(cb, ModelCheckpoint):
             assert cb.dirpath == str(tmp_path / "checkpoints")
@@ -326,6 +350,7 @@ def test_eval_config_composes(tmp_path, monkeypatch):
     assert cfg.data.data_dir == str(tmp_path / "datasets")
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer" and cfg.trainer.devices == 1
     assert set(cfg.logger) == {"tensorboard"}
+    assert {"test_report", "misclassified"} <= set(cfg.callbacks)  # the test-time diagnostics
     assert "model" not in cfg and "optimizer" not in cfg  # those come from the checkpoint
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     validate_trainer(cfg)

@@ -24,14 +24,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from hydra.experimental.callback import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab import runs
 from mlplab.distributed import ddp_job, external_rank_argv
-from mlplab.errors import MlplabError
+from mlplab.errors import MlplabError, RunInterrupted
 
 EXIT_USER_ERROR = 2
+#: Exit codes of a run stopped by a signal: the shell's 128 + signal number.
+EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
 log = logging.getLogger("mlplab")
 
 
@@ -75,6 +78,58 @@ def prepare_argv() -> None:
     except MlplabError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+
+
+#: What marks a dir as holding a run (a sweep dir holds job dirs: any entry at all).
+RUN_ARTIFACTS = (".hydra", runs.RUN_FILE, "checkpoints", "tensorboard", "csv")
+
+
+class CheckOutputDir(Callback):
+    """A Hydra callback, before Hydra makes the run (or sweep) dir and writes into it.
+
+    - a dir that already holds an earlier run is refused: nothing of it is overwritten
+      (``resume=<dir>`` continues a run; the default dirs are unique per run);
+    - a dir that cannot be created or written is one line on stderr, not Hydra's traceback.
+
+    Both are one line and exit 2. DDP's extra ranks and ``resume=`` run with
+    ``hydra.output_subdir=null`` in an existing dir on purpose, so they skip the first check.
+    """
+
+    def _check(self, key: str, directory: Any, fresh: bool) -> None:
+        path = Path(str(directory))
+
+        def fail(why: str, allowed: str) -> None:
+            print(f"error: {key}={directory} {why}; allowed: {allowed}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+
+        # A run's own files (not logs: DDP ranks may already be writing theirs).
+        if fresh and path.is_dir() and any((path / name).exists() for name in RUN_ARTIFACTS):
+            fail(
+                "already holds an earlier run, which is never overwritten",
+                f"a new dir (leave {key} at its default, unique per run), or resume=<run dir> to continue a run",
+            )
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as err:
+            fail(f"cannot be written ({err.strerror or err})", "a writable folder (set paths.log_dir, or " + key + ")")
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check("hydra.run.dir", config.hydra.run.dir, fresh=config.hydra.output_subdir is not None)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        if sweep.is_dir() and any(sweep.iterdir()):
+            print(
+                f"error: hydra.sweep.dir={sweep} already holds an earlier sweep, which is never overwritten; "
+                "allowed: a new dir (leave hydra.sweep.dir at its default, unique per sweep)",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(EXIT_USER_ERROR)
+        self._check("hydra.sweep.dir", sweep, fresh=False)
 
 
 def _hydra_job() -> tuple[bool, list[str]]:
@@ -141,6 +196,11 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, float]]) -> 
         # The job's DDP ranks end with it: a sweep's next job starts from scratch.
         with ddp_job():
             metrics = dict(task(cfg))
+    except RunInterrupted as err:  # SIGINT/SIGTERM: last.ckpt is good, resume=<dir> continues; a sweep stops
+        message = _one_line(err)
+        print(f"interrupted: {message}", file=sys.stderr, flush=True)
+        record("interrupted", message, {})
+        sys.exit(EXIT_INTERRUPTED.get(err.signal_name, 130))
     except MlplabError as err:
         message = _one_line(err)
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -161,3 +221,35 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, float]]) -> 
     record("ok", None, dict(metrics))
     metric_name = cfg.get("optimized_metric")
     return metrics.get(metric_name) if metric_name else None
+
+
+def expand_resume(argv: list[str]) -> list[str]:
+    """``train.py resume=DIR [overrides]`` -> the run's own overrides, then these, in DIR.
+
+    The config is recomposed from ``DIR/.hydra/overrides.yaml`` (so it is the run's
+    config), ``hydra.run.dir`` is DIR (same checkpoints, same TensorBoard run, ``train.log``
+    appended) and Hydra does not rewrite ``DIR/.hydra``. Extra overrides apply on top,
+    e.g. ``trainer.max_epochs=20`` to train longer. A bad DIR is one line and exit 2.
+    """
+    args = argv[1:]
+    resumes = [a for a in args if a.startswith("resume=")]
+    if not resumes or resumes[-1] == "resume=null":
+        return argv
+    value = resumes[-1].split("=", 1)[1]
+    run_dir = Path(value).expanduser().resolve()
+    stored = run_dir / ".hydra" / "overrides.yaml"
+
+    def fail(why: str) -> None:
+        print(f"error: resume={value} {why}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+    if any(a in ("-m", "--multirun") for a in args):
+        fail("cannot be combined with --multirun; allowed: resume one run dir at a time")
+    if not stored.is_file():
+        fail(
+            "is not a run dir (no .hydra/overrides.yaml); allowed: the output dir of an earlier train run, "
+            "e.g. resume=logs/runs/<date>/<time>_<uid>"
+        )
+    overrides = [str(o) for o in OmegaConf.load(stored) if not str(o).startswith(("resume=", "ckpt_path="))]
+    rest = [a for a in args if not a.startswith("resume=")]
+    return [argv[0], *overrides, *rest, f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]

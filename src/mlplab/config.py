@@ -8,13 +8,18 @@ arguments the same way, and they are built before the Trainer.
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab.errors import CheckpointError, ConfigError
 from mlplab.validation import int_in, non_negative_number, positive_int, positive_number
+
+log = logging.getLogger(__name__)
 
 
 def validate_optimizer(cfg: DictConfig) -> None:
@@ -54,6 +59,44 @@ def validate_trainer(cfg: DictConfig) -> None:
         )
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def validate_hardware(cfg: DictConfig) -> None:
+    """``trainer.accelerator`` exists on this machine with ``trainer.devices`` devices.
+
+    Separate from :func:`validate_trainer` (the values): a ``trainer=gpu`` config is valid
+    anywhere, it only cannot run here. Lightning's own errors for this are tracebacks.
+    """
+    accelerator, devices = cfg.trainer.get("accelerator", "auto"), cfg.trainer.get("devices")
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"trainer.accelerator={accelerator!r} is invalid; allowed: {', '.join(ACCELERATORS)}")
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but this machine has no usable GPU (CUDA); "
+            "allowed: trainer=cpu, trainer=default (auto: the CPU here) or trainer=ddp_cpu"
+        )
+    if accelerator == "mps" or devices in ("auto", -1, "-1"):
+        return
+    if isinstance(devices, str) and "," not in devices:  # "2" is a count, "0,1" ids (Lightning's reading)
+        devices = int(devices)
+    available = torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
+    what = "GPUs" if gpu else "CPU cores"
+    if isinstance(devices, int):
+        if devices > available:
+            raise ConfigError(
+                f"trainer.devices={devices} but this machine has {available} {what}; allowed: 1..{available} or -1 (all)"
+            )
+        return
+    ids = [int(d) for d in (devices.split(",") if isinstance(devices, str) else devices) if str(d).strip()]
+    if gpu and ids and max(ids) >= available:
+        raise ConfigError(
+            f"trainer.devices={devices!r} names GPU {max(ids)} but this machine has {available} {what} "
+            f"(ids 0..{available - 1}); allowed: ids below {available}, a count, or -1 (all)"
+        )
+
+
 def _valid_devices(devices: Any) -> bool:
     if isinstance(devices, bool):
         return False
@@ -88,13 +131,50 @@ def validate_train_config(cfg: DictConfig) -> None:
     validate_trainer(cfg)
     if cfg.get("ckpt_path") is not None:
         validate_ckpt_path("ckpt_path", cfg.ckpt_path)
+    if cfg.get("resume") is not None:
+        validate_resume(cfg)
     metric = cfg.get("optimized_metric")
     allowed = ("val/acc_best", "val/acc", "val/loss", "test/acc", "test/loss", "train/acc", "train/loss")
     if metric is not None and metric not in allowed:
         raise ConfigError(f"optimized_metric={metric!r} is invalid; allowed: {', '.join(allowed)} or null")
     out = OmegaConf.select(cfg, "paths.output_dir", default=None)
-    if out is not None and cfg.get("ckpt_path") is None and (Path(out) / "checkpoints").is_dir() and any((Path(out) / "checkpoints").iterdir()):
+    if out is not None and cfg.get("ckpt_path") is None and cfg.get("resume") is None and (Path(out) / "checkpoints").is_dir() and any((Path(out) / "checkpoints").iterdir()):
         raise ConfigError(
             f"paths.output_dir={out} already holds checkpoints of an earlier run; allowed: a new output dir "
             "(leave hydra.run.dir at its default, which is unique per run)"
         )
+
+
+def validate_resume(cfg: DictConfig) -> None:
+    """``resume=<run dir>`` continues that run in that dir (the CLI sets hydra.run.dir to it)."""
+    run_dir = Path(str(cfg.resume)).expanduser()
+    if not (run_dir / ".hydra" / "config.yaml").is_file():
+        raise ConfigError(
+            f"resume={cfg.resume} is not a run dir (no .hydra/config.yaml); allowed: the output dir of an "
+            "earlier train run, e.g. resume=logs/runs/<date>/<time>_<uid>"
+        )
+    out = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    if out is None or Path(out).resolve() != run_dir.resolve():
+        raise ConfigError(
+            f"resume={cfg.resume} but this run writes to {out}; allowed: python src/train.py resume={cfg.resume} "
+            "(which runs in that dir)"
+        )
+    if cfg.get("ckpt_path") is not None:
+        raise ConfigError(f"resume={cfg.resume} and ckpt_path={cfg.ckpt_path} together; allowed: one of them")
+
+
+def resume_checkpoint(cfg: DictConfig) -> Path | None:
+    """The checkpoint training starts from: ``ckpt_path``, or ``last.ckpt`` of the resumed run.
+
+    A resumed run with no ``last.ckpt`` (stopped before its first epoch ended) starts over,
+    in the same dir, from the same seed.
+    """
+    if cfg.get("ckpt_path") is not None:
+        return Path(str(cfg.ckpt_path)).expanduser()
+    if cfg.get("resume") is None:
+        return None
+    last = Path(str(cfg.resume)).expanduser() / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    log.warning("resume=%s: no checkpoints/last.ckpt (no epoch had completed): starting over", cfg.resume)
+    return None

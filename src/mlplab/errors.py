@@ -19,3 +19,15 @@ class DataError(MlplabError):
 
 class CheckpointError(MlplabError):
     """A checkpoint path is missing, unreadable or not an mlplab checkpoint."""
+
+
+class DivergenceError(MlplabError):
+    """Training produced a non-finite loss or weights; the run stops, checkpoints stay good."""
+
+
+class RunInterrupted(MlplabError):
+    """SIGINT or SIGTERM stopped a run; ``last.ckpt`` holds the last completed epoch."""
+
+    def __init__(self, message: str, signal_name: str = "SIGINT") -> None:
+        super().__init__(message)
+        self.signal_name = signal_name

@@ -7,11 +7,14 @@ Data flows one way: config -> DataModule (knows ``input_dim``, ``num_classes``,
 
 from __future__ import annotations
 
+import inspect
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
@@ -19,11 +22,19 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab.config import validate_ckpt_path, validate_train_config, validate_trainer
+from mlplab.callbacks import AtomicCheckpointIO, RNGState, StopOnSignal
+from mlplab.config import (
+    resume_checkpoint,
+    validate_ckpt_path,
+    validate_hardware,
+    validate_train_config,
+    validate_trainer,
+)
 from mlplab.data import TensorDataModule
-from mlplab.errors import CheckpointError, ConfigError, MlplabError
+from mlplab.errors import CheckpointError, ConfigError, MlplabError, RunInterrupted
 from mlplab.hparams import flat_hparams, log_hparams
 from mlplab.models import Classifier
 from mlplab.runs import mark_training_started
@@ -41,14 +52,15 @@ def _instantiate_group(group: DictConfig | None) -> list[Any]:
     """Every ``_target_`` entry of a dict-of-objects group (callbacks, logger)."""
     if not group:
         return []
-    return [instantiate(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+    return [_instantiate_checked(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
 
 
-def _instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
+def _instantiate_checked(node: DictConfig, group: str, **kwargs: Any) -> Any:
     """``instantiate``, but a constructor's own user error comes through as itself.
 
     Hydra wraps any exception raised by a ``_target_`` in an ``InstantiationException``;
     unwrapped, our ConfigError reaches the entry point (one line on stderr, exit code 2).
+    A key the constructor does not take (``+model.init=xavier``) is a ConfigError too.
     """
     try:
         return instantiate(node, **kwargs)
@@ -58,18 +70,26 @@ def _instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if isinstance(cause, MlplabError):
             raise cause from None
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(cause)) if isinstance(cause, TypeError) else None
+        if unexpected:
+            key = unexpected.group(1)
+            params = inspect.signature(hydra.utils.get_class(node._target_)).parameters
+            allowed = ", ".join(p for p in params if p not in kwargs and p != "self")
+            raise ConfigError(
+                f"{group}.{key}={node.get(key)!r} is invalid: {node._target_} has no such option; allowed keys: {allowed}"
+            ) from None
         raise
 
 
 def build_datamodule(data_cfg: DictConfig) -> TensorDataModule:
-    dm = _instantiate_checked(data_cfg)
+    dm = _instantiate_checked(data_cfg, "data")
     if not isinstance(dm, TensorDataModule):
         raise ConfigError(f"data._target_={data_cfg.get('_target_')} is not an mlplab DataModule")
     return dm
 
 
 def build_net(model_cfg: DictConfig, dm: TensorDataModule) -> torch.nn.Module:
-    return _instantiate_checked(model_cfg, input_dim=dm.input_dim, num_classes=dm.num_classes)
+    return _instantiate_checked(model_cfg, "model", input_dim=dm.input_dim, num_classes=dm.num_classes)
 
 
 def _summary(metrics: dict[str, float], output_dir: str | None) -> str:
@@ -91,6 +111,8 @@ def train(cfg: DictConfig) -> float | None:
 def fit(cfg: DictConfig) -> dict[str, float]:
     """Train, test the best checkpoint; returns every final metric and ``epochs`` (epochs completed)."""
     validate_train_config(cfg)
+    validate_hardware(cfg)
+    ckpt_path = resume_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = build_datamodule(cfg.data)
@@ -100,6 +122,8 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     if engine == "ignite":
         from mlplab.ignite_engine import fit_ignite
 
+        if ckpt_path is not None or cfg.get("resume"):
+            raise ConfigError("engine=ignite cannot resume (resume=, ckpt_path=); allowed: engine=lightning")
         mark_training_started()
         metrics = fit_ignite(cfg, dm, net)
         _report(metrics, cfg)
@@ -113,28 +137,87 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         config=OmegaConf.to_container(cfg, resolve=True),
     )
-    callbacks: list[Callback] = _instantiate_group(cfg.get("callbacks"))
+    if ckpt_path is not None:
+        check_checkpoint_fits(ckpt_path, model)
+    stop = StopOnSignal()
+    # RNG state and signal handling make a run resumable; always on, whatever cfg.callbacks says.
+    callbacks: list[Callback] = [*_instantiate_group(cfg.get("callbacks")), RNGState(), stop]
     loggers: list[Logger] = _instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    log_hparams(loggers, flat_hparams(cfg))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
+    if not cfg.get("resume"):  # a resumed run already has its HPARAMS entry
+        log_hparams(loggers, flat_hparams(cfg))
 
     # torch.compile on the LightningModule: Lightning unwraps it for checkpoints, so they
     # load into an uncompiled net (eval.py) as usual.
     fit_model = torch.compile(model) if cfg.get("compile", False) else model
     mark_training_started()
-    trainer.fit(fit_model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
-    metrics = _as_floats(trainer.callback_metrics)
-    metrics["epochs"] = float(trainer.current_epoch)
+    try:
+        trainer.fit(fit_model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        metrics = _as_floats(trainer.callback_metrics)
+        metrics["epochs"] = float(trainer.current_epoch)
 
-    if cfg.get("test", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if not best:
-            log.warning("no best checkpoint (checkpointing off?): testing the last weights")
-        trainer.test(fit_model, datamodule=dm, ckpt_path=best or None, verbose=False)
-        metrics.update(_as_floats(trainer.callback_metrics))
+        if cfg.get("test", True):
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            if not best:
+                log.warning("no best checkpoint (checkpointing off?): testing the last weights")
+            trainer.test(fit_model, datamodule=dm, ckpt_path=best or None, verbose=False)
+            metrics.update(_as_floats(trainer.callback_metrics))
+    except SIGTERMException:  # SIGTERM, or SIGINT through StopOnSignal
+        raise _interrupted(cfg, trainer, stop.received or "SIGTERM") from None
 
     _report(metrics, cfg)
     return metrics
+
+
+def _interrupted(cfg: DictConfig, trainer: L.Trainer, signal_name: str) -> RunInterrupted:
+    out = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    last = Path(out) / "checkpoints" / "last.ckpt" if out else None
+    if last is not None and last.is_file():
+        epoch = torch.load(last, map_location="cpu", weights_only=True).get("epoch", "?")
+        saved = f"{last} holds epoch {epoch}, the last completed one"
+    else:
+        saved = "no epoch had completed (no last.ckpt)"
+    return RunInterrupted(
+        f"stopped by {signal_name} in epoch {trainer.current_epoch}: {saved}; "
+        f"resume with: python src/train.py resume={out}",
+        signal_name,
+    )
+
+
+def _torch_load(ckpt_path: Path) -> Any:
+    try:
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"ckpt_path={ckpt_path} cannot be loaded as a checkpoint ({first})") from None
+
+
+def _load_checkpoint(ckpt_path: Path) -> dict:
+    ckpt = _torch_load(ckpt_path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"ckpt_path={ckpt_path} is not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+def check_checkpoint_fits(ckpt_path: Path, model: torch.nn.Module) -> None:
+    """Refuse a checkpoint whose net has other parameter names or shapes than ``model``'s."""
+    ckpt = _load_checkpoint(ckpt_path)
+    theirs = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("net.")}
+    if theirs == ours:
+        return
+    diff = next((k for k in ours if theirs.get(k) != ours[k]), None) or next(k for k in theirs if k not in ours)
+    config = ckpt.get("hyper_parameters", {}).get("config") or {}
+    trained = (
+        f"model {config.get('model', {}).get('_target_', '?')} on {config.get('data', {}).get('_target_', '?')}"
+    )
+    raise CheckpointError(
+        f"ckpt_path={ckpt_path} does not fit this model and data: {diff} is {list(theirs[diff]) if diff in theirs else 'absent'} "
+        f"there, {list(ours[diff]) if diff in ours else 'absent'} here (the checkpoint has {trained}); "
+        "allowed: a checkpoint of the same model and data"
+    )
 
 
 @rank_zero_only
@@ -144,11 +227,7 @@ def _report(metrics: dict[str, float], cfg: DictConfig) -> None:
 
 def load_checkpoint_config(ckpt_path: Path) -> dict:
     """The training config stored in an mlplab checkpoint."""
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"ckpt_path={ckpt_path} cannot be loaded as a checkpoint ({first})") from None
+    ckpt = _torch_load(ckpt_path)
     config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
     if not isinstance(config, dict) or "data" not in config or "model" not in config:
         raise CheckpointError(f"ckpt_path={ckpt_path} is not an mlplab checkpoint (no stored run config)")
@@ -159,6 +238,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test a checkpoint on the test set of the data it was trained on."""
     ckpt_path = validate_ckpt_path("ckpt_path", cfg.get("ckpt_path"))
     validate_trainer(cfg)
+    validate_hardware(cfg)
     stored = OmegaConf.create(load_checkpoint_config(ckpt_path))
     data_cfg = stored.data
     # Machine-specific data settings (data_dir, batch sizes) come from this command line.

@@ -6,22 +6,108 @@ pool that train and validation are split from. Files live in torchvision's layou
 
 1. extracted files (``train-images-idx3-ubyte`` ...) are used as they are;
 2. else the ``.gz`` archives found there are extracted next to them (no network);
-3. else, with ``download=True``, torchvision downloads them (its real download path);
+3. else, with ``download=True``, torchvision downloads them (its real download path, which
+   checks each archive's md5) into a temporary folder, moved into place only when complete;
 4. else one :class:`~mlplab.errors.DataError` names the missing files and where to put them.
+
+Nothing half-written ever passes for good: archives are extracted to ``<name>.partial`` and
+renamed when complete; a download interrupted halfway leaves nothing in ``raw/``. Every file
+read is checked (:func:`read_idx`): IDX magic and dimensions, size against its header,
+images and labels counts, labels in range. A file whose header claims the official
+dataset's size (60,000 or 10,000 items) must also match the official file's md5 -- a
+truncated or corrupted download is refused with the file's name. Smaller IDX files (your
+own, or the tests') get the structural checks only.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import math
 import os
+import shutil
+import struct
+import tempfile
+import zlib
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torchvision.datasets import MNIST, FashionMNIST
-from torchvision.datasets.utils import extract_archive
 
 from mlplab.data.tensor import TensorDataModule, normalise
 from mlplab.errors import DataError
+
+#: md5 of the official extracted files (torchvision's ``resources`` hold the archives' md5).
+OFFICIAL_MD5 = {
+    "MNIST": {
+        "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+        "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+        "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+        "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+    },
+    "FashionMNIST": {
+        "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+        "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+        "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+        "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+    },
+}
+#: Items in the official files: a header announcing these counts claims to be the official file.
+OFFICIAL_COUNT = {"train": 60_000, "t10k": 10_000}
+_FIX = "delete it and run again (with data.download=true it is fetched again)"
+
+
+def _official_count(name: str) -> int:
+    return OFFICIAL_COUNT[name.split("-", 1)[0]]
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _gz_header_count(gz: Path) -> int | None:
+    """The item count an archive's IDX header announces (None if unreadable)."""
+    try:
+        with gzip.open(gz, "rb") as f:
+            head = f.read(8)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return struct.unpack(">I", head[4:8])[0] if len(head) == 8 else None
+
+
+def read_idx(path: Path, ndim: int, item_shape: tuple[int, ...], official_md5: str | None = None) -> Tensor:
+    """An uncompressed IDX file of unsigned bytes as a uint8 tensor, checked.
+
+    Raises :class:`DataError` naming ``path`` if the magic number, the dimensions or the
+    size disagree with the header, or if the header claims the official dataset's item
+    count but the content is not the official file (``official_md5``).
+    """
+    kind = "images" if ndim > 1 else "labels"
+    data = path.read_bytes()
+    expected_magic = bytes((0, 0, 0x08, ndim))
+    if data[:4] != expected_magic:
+        raise DataError(
+            f"{path} is not an IDX file of {kind} (magic {data[:4].hex() or 'none'}, expected {expected_magic.hex()}); {_FIX}"
+        )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path} is truncated ({len(data)} bytes, shorter than its header); {_FIX}")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    if tuple(dims[1:]) != tuple(item_shape):
+        shape = "x".join(map(str, dims[1:]))
+        raise DataError(f"{path} holds {kind} of shape {shape}, expected {'x'.join(map(str, item_shape))}; {_FIX}")
+    size = header + math.prod(dims)
+    if len(data) != size:
+        raise DataError(
+            f"{path} is truncated or has extra bytes: {len(data)} bytes, its header announces {size}; {_FIX}"
+        )
+    if official_md5 is not None and dims[0] == _official_count(path.name) and _md5(data) != official_md5:
+        raise DataError(
+            f"{path} claims to be the official file ({dims[0]} {kind}) but its md5 is {_md5(data)}, "
+            f"not {official_md5} (corrupted?); {_FIX}"
+        )
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).reshape(dims)
 
 
 class TorchvisionIDXDataModule(TensorDataModule):
@@ -73,35 +159,70 @@ class TorchvisionIDXDataModule(TensorDataModule):
     def prepare_data(self) -> None:
         missing = self.missing_files()
         if missing and self.download:
-            try:
-                for train in (True, False):
-                    self.dataset_cls(self.data_dir, train=train, download=True)
-            except Exception as err:  # no network, a mirror down, a read-only dir ...
-                first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise DataError(f"{self._missing_message(missing)}; the download failed ({first_line})") from None
+            self._download(missing)
             missing = self.missing_files()
         if missing:
             raise DataError(self._missing_message(missing))
-        for archive, _md5 in self.dataset_cls.resources:
+        for archive, md5 in self.dataset_cls.resources:
             gz, plain = self.raw_folder / archive, self.raw_folder / archive.removesuffix(".gz")
             if not plain.is_file():
-                try:
-                    extract_archive(str(gz), str(self.raw_folder))
-                except OSError as err:
-                    raise DataError(f"cannot extract {gz} into {self.raw_folder}: {err.strerror or err}") from None
+                self._extract(gz, plain, md5)
 
-    def _read(self, train: bool) -> tuple[Tensor, Tensor]:
+    def _download(self, missing: list[str]) -> None:
+        """torchvision's download into a temporary folder; complete files are moved into ``raw/``."""
         try:
-            ds = self.dataset_cls(self.data_dir, train=train, download=False)
-        except Exception as err:
-            raise DataError(f"cannot read {self.dataset_cls.__name__} from {self.raw_folder}: {err}") from None
-        x = ds.data.unsqueeze(1).to(torch.float32).div_(255.0)
-        return normalise(x, self.mean, self.std), ds.targets.to(torch.long)
+            self.raw_folder.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=self.raw_folder.parent))
+        except OSError as err:
+            raise DataError(f"{self._missing_message(missing)}; cannot write there ({err.strerror or err})") from None
+        try:
+            for train in (True, False):
+                self.dataset_cls(str(tmp), train=train, download=True)
+            fetched = tmp / self.dataset_cls.__name__ / "raw"
+            for archive, _md5 in self.dataset_cls.resources:
+                if not (self.raw_folder / archive).exists() and (fetched / archive).is_file():
+                    os.replace(fetched / archive, self.raw_folder / archive)
+        except Exception as err:  # no network, a mirror down, a bad md5, a read-only dir ...
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DataError(f"{self._missing_message(missing)}; the download failed ({first_line})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _extract(self, gz: Path, plain: Path, md5: str) -> None:
+        """Decompress ``gz`` next to itself via ``<name>.partial``; an official-sized archive must match its md5."""
+        count = _gz_header_count(gz)
+        if count == _official_count(gz.name) and _md5(gz.read_bytes()) != md5:
+            raise DataError(f"{gz} claims to be the official archive but its md5 is not {md5} (an interrupted download?); {_FIX}")
+        partial = plain.with_name(plain.name + ".partial")
+        try:
+            with gzip.open(gz, "rb") as src, partial.open("wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (OSError, EOFError, zlib.error) as err:
+            partial.unlink(missing_ok=True)
+            if isinstance(err, (EOFError, zlib.error, gzip.BadGzipFile)):
+                raise DataError(f"{gz} is not a complete gzip archive ({err}); {_FIX}") from None
+            raise DataError(f"cannot extract {gz} into {self.raw_folder}: {err.strerror or err}") from None
+        os.replace(partial, plain)
+
+    def _read(self, split: str) -> tuple[Tensor, Tensor]:
+        official = OFFICIAL_MD5.get(self.dataset_cls.__name__, {})
+        images_file = self.raw_folder / f"{split}-images-idx3-ubyte"
+        labels_file = self.raw_folder / f"{split}-labels-idx1-ubyte"
+        images = read_idx(images_file, 3, self.input_shape[1:], official.get(images_file.name))
+        labels = read_idx(labels_file, 1, (), official.get(labels_file.name))
+        if len(images) != len(labels):
+            raise DataError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels; {_FIX}")
+        if len(labels) and int(labels.max()) >= self.num_classes:
+            raise DataError(
+                f"{labels_file} has label {int(labels.max())}; allowed: 0..{self.num_classes - 1}; {_FIX}"
+            )
+        x = images.unsqueeze(1).to(torch.float32).div_(255.0)
+        return normalise(x, self.mean, self.std), labels.to(torch.long)
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if not all((self.raw_folder / n.removesuffix(".gz")).is_file() for n, _ in self.dataset_cls.resources):
             self.prepare_data()
-        return (*self._read(train=True), *self._read(train=False))
+        return (*self._read("train"), *self._read("t10k"))
 
 
 class MNISTDataModule(TorchvisionIDXDataModule):

@@ -7,9 +7,11 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
+from mlplab.errors import DivergenceError
 from mlplab.models.metrics import Accuracy, MeanLoss
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -51,7 +53,14 @@ class Classifier(L.LightningModule):
         # Lean per-step metrics: no input validation or NaN checks (each a host sync).
         self.train_acc, self.val_acc, self.test_acc = Accuracy(), Accuracy(), Accuracy()
         self.train_loss, self.val_loss, self.test_loss = MeanLoss(), MeanLoss(), MeanLoss()
+        # The best validation accuracy so far is part of the training state: it goes into
+        # checkpoints, so a resumed run continues from it.
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)
+        # Global step of the first non-finite training loss (-1: none), kept on the device
+        # and read once per epoch (see check_finite), never inside a step.
+        self.register_buffer("first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        self._epoch_lr = float("nan")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -66,6 +75,26 @@ class Classifier(L.LightningModule):
         acc_metric.update(logits.detach(), y)
         return loss
 
+    def check_finite(self) -> None:
+        """Raise :class:`DivergenceError` if a training loss or a weight is not finite.
+
+        One host sync; called before every validation and every checkpoint save, so a
+        diverged run stops there and no checkpoint ever receives non-finite weights.
+        Under DDP every rank learns whether any rank diverged.
+        """
+        params_finite = torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all()
+        local_bad = bool(self.first_bad_step.ge(0) | params_finite.logical_not())
+        if not self.trainer.strategy.reduce_boolean_decision(local_bad, all=False):
+            return
+        step = int(self.first_bad_step)
+        where = f"loss at step {step}" if step >= 0 else f"weights by step {self.global_step}"
+        raise DivergenceError(
+            f"training diverged: non-finite {where} (epoch {self.current_epoch}, lr {self._epoch_lr:.6g} "
+            "at the epoch's start); "
+            "the last good checkpoint is kept; allowed: a smaller optimizer.lr (or gradient clipping, "
+            "trainer.gradient_clip_val)"
+        )
+
     def _log_epoch(self, stage: str, loss_metric: MeanLoss, acc_metric: Accuracy) -> Tensor:
         """Log ``<stage>/loss`` and ``<stage>/acc`` (computed across ranks), reset, return the accuracy."""
         loss, acc = loss_metric.compute(), acc_metric.compute()
@@ -74,12 +103,23 @@ class Classifier(L.LightningModule):
         self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc}, prog_bar=stage != "test", sync_dist=True)
         return acc
 
-    def on_train_start(self) -> None:
-        # The sanity check's validation batches must not count towards the best accuracy.
-        self.val_acc_best.reset()
+    def on_train_epoch_start(self) -> None:
+        # For the divergence message (an epoch scheduler has stepped by the time it is checked).
+        self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else float("nan")
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, self.train_loss, self.train_acc)
+        loss = self._step(batch, self.train_loss, self.train_acc)
+        # Remember the first step with a non-finite loss (a few device ops, no sync).
+        self.first_bad_step.masked_fill_(self.first_bad_step.lt(0) & loss.detach().isfinite().logical_not(), self.global_step)
+        return loss
+
+    def on_validation_start(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.check_finite()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.trainer.state.fn == TrainerFn.FITTING:
+            self.check_finite()
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train", self.train_loss, self.train_acc)
@@ -88,8 +128,11 @@ class Classifier(L.LightningModule):
         self._step(batch, self.val_loss, self.val_acc)
 
     def on_validation_epoch_end(self) -> None:
-        self.val_acc_best(self._log_epoch("val", self.val_loss, self.val_acc))
-        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
+        acc = self._log_epoch("val", self.val_loss, self.val_acc)
+        # The sanity check's validation batches do not count towards the best accuracy.
+        if not self.trainer.sanity_checking:
+            self.val_acc_best(acc)
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, self.test_loss, self.test_acc)
