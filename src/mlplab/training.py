@@ -48,11 +48,12 @@ warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
-def _instantiate_group(group: DictConfig | None) -> list[Any]:
+def _instantiate_group(group: DictConfig | None, name: str) -> list[Any]:
     """Every ``_target_`` entry of a dict-of-objects group (callbacks, logger)."""
     if not group:
         return []
-    return [_instantiate_checked(node) for node in group.values() if isinstance(node, DictConfig) and "_target_" in node]
+    return [_instantiate_checked(node, f"{name}.{key}") for key, node in group.items()
+            if isinstance(node, DictConfig) and "_target_" in node]
 
 
 def _instantiate_checked(node: DictConfig, group: str, **kwargs: Any) -> Any:
@@ -141,8 +142,8 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         check_checkpoint_fits(ckpt_path, model)
     stop = StopOnSignal()
     # RNG state and signal handling make a run resumable; always on, whatever cfg.callbacks says.
-    callbacks: list[Callback] = [*_instantiate_group(cfg.get("callbacks")), RNGState(), stop]
-    loggers: list[Logger] = _instantiate_group(cfg.get("logger"))
+    callbacks: list[Callback] = [*_instantiate_group(cfg.get("callbacks"), "callbacks"), RNGState(), stop]
+    loggers: list[Logger] = _instantiate_group(cfg.get("logger"), "logger")
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
@@ -250,8 +251,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     net = build_net(stored.model, dm)
     model = Classifier.load_from_checkpoint(ckpt_path, map_location="cpu", net=net, weights_only=True)
 
-    loggers = _instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks")))
+    loggers = _instantiate_group(cfg.get("logger"), "logger")
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks"), "callbacks"))
     log_hparams(loggers, flat_hparams(stored), metrics=("test/acc", "test/loss"))
     trainer.test(model, datamodule=dm, verbose=False)
     metrics = _as_floats(trainer.callback_metrics)
