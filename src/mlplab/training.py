@@ -48,11 +48,11 @@ warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 
-def _instantiate_group(group: DictConfig | None, name: str) -> list[Any]:
+def _instantiate_group(group: DictConfig | None, name: str = "") -> list[Any]:
     """Every ``_target_`` entry of a dict-of-objects group (callbacks, logger)."""
     if not group:
         return []
-    return [_instantiate_checked(node, f"{name}.{key}") for key, node in group.items()
+    return [_instantiate_checked(node, f"{name}.{key}" if name else str(key)) for key, node in group.items()
             if isinstance(node, DictConfig) and "_target_" in node]
 
 
