@@ -25,7 +25,8 @@ from mlplab.config import validate_ckpt_path, validate_train_config, validate_tr
 from mlplab.data import TensorDataModule
 from mlplab.errors import CheckpointError, ConfigError, MlplabError
 from mlplab.hparams import flat_hparams, log_hparams
-from mlplab.models import Classifier
+from mlplab.models import ClassificationLoss, Classifier, CrossEntropy
+from mlplab.numpy_net import NumpyMLP
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,15 @@ def build_net(model_cfg: DictConfig, dm: TensorDataModule) -> torch.nn.Module:
     return _instantiate_checked(model_cfg, input_dim=dm.input_dim, num_classes=dm.num_classes)
 
 
+def build_loss(cfg: DictConfig) -> ClassificationLoss:
+    """The ``loss`` group's object (cross-entropy when the config has none, e.g. older checkpoints)."""
+    node = cfg.get("loss")
+    loss = _instantiate_checked(node) if node else CrossEntropy()
+    if not isinstance(loss, ClassificationLoss):
+        raise ConfigError(f"loss._target_={node.get('_target_')} is not an mlplab loss; allowed: loss=cross_entropy|mse")
+    return loss
+
+
 def _summary(metrics: dict[str, float], output_dir: str | None) -> str:
     shown = [f"{k}={metrics[k]:.4f}" for k in ("test/acc", "val/acc_best", "test/loss") if k in metrics]
     return "  ".join(shown) + (f"  (output: {output_dir})" if output_dir else "")
@@ -89,6 +99,12 @@ def train(cfg: DictConfig) -> float | None:
     dm.check_available()
     net = build_net(cfg.model, dm)
     engine = cfg.get("engine", "lightning")
+    if isinstance(net, NumpyMLP):  # model=numpy_mlp: the lessons' NumPy network and loop
+        from mlplab.numpy_engine import fit_numpy
+
+        metrics = fit_numpy(cfg, dm, net)
+        _report(metrics, cfg)
+        return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
     if engine == "ignite":
         from mlplab.ignite_engine import fit_ignite
 
@@ -103,6 +119,7 @@ def train(cfg: DictConfig) -> float | None:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         config=OmegaConf.to_container(cfg, resolve=True),
+        loss=build_loss(cfg),
     )
     callbacks: list[Callback] = _instantiate_group(cfg.get("callbacks"))
     loggers: list[Logger] = _instantiate_group(cfg.get("logger"))
@@ -158,7 +175,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     dm = build_datamodule(data_cfg)
     dm.check_available()
     net = build_net(stored.model, dm)
-    model = Classifier.load_from_checkpoint(ckpt_path, map_location="cpu", net=net, weights_only=True)
+    model = Classifier.load_from_checkpoint(ckpt_path, map_location="cpu", net=net, loss=build_loss(stored), weights_only=True)
 
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks")))
