@@ -1,0 +1,244 @@
+"""Issue 4: the lessons' data (xor, moons), model options, losses, augmentation and presets."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from sklearn.datasets import make_moons
+from torch import nn
+
+from conftest import QUICK, compose_cfg
+from mlplab.config import validate_train_config
+from mlplab.data import DigitsDataModule, MoonsDataModule, XORDataModule
+from mlplab.errors import ConfigError
+from mlplab.models import MLP, CrossEntropy, SquaredError
+from mlplab.training import build_datamodule, build_loss, build_net, train
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny matmuls gain nothing from threads; on a shared 2-core machine they oversubscribe."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _linears(net: nn.Module) -> list[nn.Linear]:
+    return [m for m in net.modules() if isinstance(m, nn.Linear)]
+
+
+# -- data: xor, moons ----------------------------------------------------------------------------
+
+
+def test_xor_is_the_four_points_in_every_split(tmp_path):
+    dm = build_datamodule(compose_cfg(["data=xor"], tmp_path).data)
+    assert isinstance(dm, XORDataModule)
+    assert (dm.input_dim, dm.num_classes, dm.class_names, dm.input_shape) == (2, 2, ("0", "1"), (2,))
+    dm.setup()
+    expected_x = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    for ds in (dm.data_train, dm.data_val, dm.data_test):
+        x, y = ds.tensors
+        assert torch.equal(x, expected_x) and y.tolist() == [0, 1, 1, 0]
+    assert len(dm.train_dataloader()) == 1  # batch 4: full batch
+
+
+def test_moons_defaults_split_and_seed(tmp_path):
+    cfg = compose_cfg(["data=moons"], tmp_path)
+    assert (cfg.data.n_samples, cfg.data.noise, cfg.data.random_state) == (200, 0.15, 123)
+    dm = build_datamodule(cfg.data)
+    assert isinstance(dm, MoonsDataModule)
+    assert (dm.input_dim, dm.num_classes, dm.input_shape) == (2, 2, (2,))
+    dm.setup()
+    splits = [ds.tensors for ds in (dm.data_train, dm.data_val, dm.data_test)]
+    assert [len(y) for _, y in splits] == [120, 30, 50]  # test 25 % of 200, val 20 % of the rest
+    # together they are exactly sklearn's make_moons(200, noise=0.15, random_state=123)
+    x_ref, y_ref = make_moons(n_samples=200, noise=0.15, random_state=123)
+    x_all = torch.cat([x for x, _ in splits]).double().numpy()
+    y_all = torch.cat([y for _, y in splits]).numpy()
+    order_ours, order_ref = np.lexsort(x_all.T), np.lexsort(x_ref.T)
+    np.testing.assert_allclose(x_all[order_ours], x_ref[order_ref], atol=1e-6)
+    np.testing.assert_array_equal(y_all[order_ours], y_ref[order_ref])
+    # seeded: the same split again, another split_seed gives another test set
+    again = MoonsDataModule()
+    again.setup()
+    assert torch.equal(again.data_test.tensors[0], dm.data_test.tensors[0])
+    other = MoonsDataModule(split_seed=7)
+    other.setup()
+    assert not torch.equal(other.data_test.tensors[0], dm.data_test.tensors[0])
+    # n, noise, seed are configurable
+    small = MoonsDataModule(n_samples=40, noise=0.0, random_state=1, test_size=10, val_size=5)
+    small.setup()
+    assert [len(ds) for ds in (small.data_train, small.data_val, small.data_test)] == [25, 5, 10]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"noise": -0.1}, "data.noise=-0.1"), ({"n_samples": 0}, "data.n_samples=0"), ({"test_size": 199}, "data.test_size=199")],
+)
+def test_moons_bad_values(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        MoonsDataModule(**kwargs)
+
+
+# -- model options --------------------------------------------------------------------------------
+
+
+def test_mlp_output_activation_single_output_and_bias():
+    torch.manual_seed(0)
+    net = MLP(2, 2, hidden_sizes=[2], activation="sigmoid", output_activation="sigmoid", single_output=True, bias=False)
+    assert [(m.in_features, m.out_features) for m in _linears(net)] == [(2, 2), (2, 1)]
+    assert all(m.bias is None for m in _linears(net))
+    assert isinstance(net.layers[-1], nn.Sigmoid)
+    out = net(torch.randn(16, 2) * 10)
+    assert out.shape == (16, 1) and out.min() > 0 and out.max() < 1
+    assert isinstance(MLP(64, 10).layers[-1], nn.Linear)  # default: logits
+
+
+@pytest.mark.parametrize(("activation", "factor"), [("sigmoid", 2.0), ("relu", 6.0), ("tanh", 6.0)])
+def test_glorot_uniform_is_sklearns_bound(activation, factor):
+    torch.manual_seed(0)
+    net = MLP(20, 10, hidden_sizes=[500, 100], activation=activation, init="glorot_uniform")
+    for lin in _linears(net):
+        bound = math.sqrt(factor / (lin.in_features + lin.out_features))
+        for p in (lin.weight, lin.bias):
+            assert p.abs().max() <= bound
+            assert p.abs().max() > 0.9 * bound or p.numel() < 50  # fills the range
+        # uniform on [-b, b]: std b / sqrt(3)
+        assert lin.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+
+def test_normal_init_and_default_init():
+    torch.manual_seed(0)
+    net = MLP(64, 10, hidden_sizes=[200, 200], init="normal", init_std=0.3)
+    for lin in _linears(net):
+        assert lin.weight.std().item() == pytest.approx(0.3, rel=0.05)
+        assert lin.weight.mean().abs().item() < 0.02
+        assert torch.all(lin.bias == 0)
+    # default: PyTorch's own init, weights within 1/sqrt(fan_in)
+    torch.manual_seed(0)
+    default = MLP(64, 10, hidden_sizes=[200])
+    assert _linears(default)[0].weight.abs().max() <= 1 / math.sqrt(64)
+    assert _linears(default)[0].bias.abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"output_activation": "softmax"}, "model.output_activation='softmax'"),
+        ({"init": "xavier"}, "model.init='xavier'"),
+        ({"init_std": 0.0}, "model.init_std=0.0"),
+        ({"single_output": True}, "model.single_output=true needs 2 classes"),
+    ],
+)
+def test_mlp_bad_options(kwargs, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        MLP(64, 10, **kwargs)
+    assert "allowed" in str(info.value)
+
+
+def test_losses():
+    torch.manual_seed(0)
+    out, y = torch.rand(6, 3), torch.tensor([0, 1, 2, 2, 1, 0])
+    # squared error: mean over samples of 1/2 sum_k (o_k - onehot_k)^2
+    expected = 0.5 * ((out - torch.eye(3)[y]) ** 2).sum() / 6
+    assert SquaredError()(out, y).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.equal(SquaredError().scores(out), out)
+    assert CrossEntropy()(out, y).item() == pytest.approx(nn.functional.cross_entropy(out, y).item())
+    # one output unit: squared error against the 0/1 label, class = output > 0.5
+    o1, y1 = torch.tensor([[0.2], [0.7], [0.6]]), torch.tensor([0, 1, 0])
+    assert SquaredError()(o1, y1).item() == pytest.approx(0.5 * (0.04 + 0.09 + 0.36) / 3)
+    assert SquaredError().scores(o1).argmax(1).tolist() == [0, 1, 1]
+    # one logit: cross-entropy = binary cross-entropy with logits, class = logit > 0
+    z = torch.tensor([[-1.0], [2.0], [0.5]])
+    bce = nn.functional.binary_cross_entropy_with_logits(z[:, 0], y1.float())
+    assert CrossEntropy()(z, y1).item() == pytest.approx(bce.item(), rel=1e-6)
+    assert CrossEntropy().scores(z).argmax(1).tolist() == [0, 1, 1]
+
+
+def test_loss_and_optimizer_groups(tmp_path):
+    cfg = compose_cfg(["loss=mse", "optimizer=adam", "optimizer.lr=0.01"], tmp_path)
+    assert isinstance(build_loss(cfg), SquaredError)
+    assert isinstance(build_loss(compose_cfg([], tmp_path)), CrossEntropy)  # the default
+    validate_train_config(cfg)
+    net = build_net(cfg.model, build_datamodule(cfg.data))
+    opt = instantiate(cfg.optimizer)(params=net.parameters())
+    assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 0.01
+
+
+def test_mse_run_reports_the_squared_error(tmp_path):
+    """train() with loss=mse (sigmoid outputs) learns digits and reports the squared error."""
+    cfg = compose_cfg(QUICK + ["loss=mse", "model.output_activation=sigmoid", "model.init=glorot_uniform",
+                               "optimizer=adam", "optimizer.lr=0.001", "trainer.max_epochs=3", "logger=none",
+                               "optimized_metric=test/loss"], tmp_path)
+    test_loss = train(cfg)
+    # untrained sigmoid outputs (~0.5 each) against one-hot targets cost ~1/2 * 10 * 0.25 = 1.25 a sample,
+    # outputs stuck at 0 cost 0.5; a net that learnt digits is far below both
+    assert 0.0 < test_loss < 0.2
+
+
+# -- augmentation -----------------------------------------------------------------------------------
+
+
+class _Grab(L.Callback):
+    def __init__(self):
+        self.train, self.val = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.train.append((batch[0].clone(), batch[1].clone()))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.val.append(batch[0].clone())
+
+
+def _fit_grab(tmp_path, overrides):
+    from mlplab.models import Classifier
+
+    cfg = compose_cfg(QUICK + overrides, tmp_path)
+    L.seed_everything(cfg.seed, verbose=False)
+    dm = build_datamodule(cfg.data)
+    model = Classifier(build_net(cfg.model, dm), dm.num_classes, instantiate(cfg.optimizer))
+    grab = _Grab()
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[grab], enable_checkpointing=False,
+                          limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    return dm, grab
+
+
+def test_affine_augmentation_changes_training_batches_only(tmp_path):
+    dm, grab = _fit_grab(tmp_path, ["augment=affine"])
+    assert type(dm.augment).__name__ == "RandomAffine"
+    x_train, y_train = dm.data_train.tensors
+    x0, y0 = grab.train[0]
+    # the batch's labels are rows of the training set; reconstruct its un-augmented images
+    order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(torch.initial_seed()))
+    originals = x_train[order[: len(y0)]]
+    assert torch.equal(y_train[order[: len(y0)]], y0)
+    assert x0.shape == originals.shape
+    changed = (x0 != originals).flatten(1).any(1)
+    assert changed.float().mean() > 0.9  # (almost) every image moved
+    # per-image parameters: the same image drawn twice is transformed differently, and
+    # nearest-neighbour resampling only produces pixel values of the original or 0 (fill)
+    for img, orig in zip(x0[:8], originals[:8]):
+        allowed = set(orig.unique().tolist()) | {0.0}
+        assert set(img.unique().tolist()) <= allowed
+    # validation batches are the stored validation images, untouched
+    assert torch.equal(grab.val[0], dm.data_val.tensors[0][: len(grab.val[0])])
+    # seeded: a second run draws the same augmented batches
+    _, again = _fit_grab(tmp_path / "again", ["augment=affine"])
+    assert torch.equal(again.train[0][0], x0)
+    # off by default: training batches are the stored images
+    dm_off, off = _fit_grab(tmp_path / "off", [])
+    assert dm_off.augment is None
+    assert torch.equal(off.train[0][0], x_train[order[: len(y0)]])
+
+
+def test_augment_on_non_image_data_is_a_config_error(tmp_path):
+    cfg = compose_cfg(["data=moons", "augment=affine"], tmp_path)
+    with pytest.raises(ConfigError, match="data.augment is set but MoonsDataModule is not image data"):
+        build_datamodule(cfg.data)
