@@ -182,8 +182,17 @@ def numpy_mlp(
     bias: bool = True,
     init_std: float | None = None,
     seed: int = 0,
+    activation: str = "sigmoid",
+    output_activation: str | None = "sigmoid",
 ) -> NumpyMLP:
-    """``model=numpy_mlp``: a :class:`NumpyMLP` sized from the data (samples as rows)."""
+    """``model=numpy_mlp``: a :class:`NumpyMLP` sized from the data (samples as rows).
+
+    ``activation``/``output_activation`` are accepted so that presets written for the torch
+    MLP (sigmoid hidden and output) run with ``model=numpy_mlp``; anything but sigmoid is refused.
+    """
+    for key, value in (("model.activation", activation), ("model.output_activation", output_activation)):
+        if value != "sigmoid":
+            raise ConfigError(f"{key}={value!r} is invalid for model=numpy_mlp; allowed: sigmoid (the lessons' NumPy net)")
     sizes = list(hidden_sizes) if isinstance(hidden_sizes, Sequence) and not isinstance(hidden_sizes, str) else None
     if not sizes:
         raise ConfigError(f"model.hidden_sizes={hidden_sizes!r} is invalid; allowed: a non-empty list of positive integers")
