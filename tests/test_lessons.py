@@ -242,3 +242,87 @@ def test_augment_on_non_image_data_is_a_config_error(tmp_path):
     cfg = compose_cfg(["data=moons", "augment=affine"], tmp_path)
     with pytest.raises(ConfigError, match="data.augment is set but MoonsDataModule is not image data"):
         build_datamodule(cfg.data)
+
+
+# -- experiment presets -------------------------------------------------------------------------------
+
+QUIET = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false", "logger=none"]
+LESSON_PRESETS = {
+    # preset: (data target, linear layer sizes, sweep params or None)
+    "xor": ("XORDataModule", [(2, 2), (2, 1)], None),
+    "moons_activations": ("MoonsDataModule", [(2, 100), (100, 100), (100, 2)], {"model.activation": "identity,sigmoid,tanh,relu"}),
+    "vanishing_gradient": ("MoonsDataModule", [(2, 5)] + [(5, 5)] * 49 + [(5, 2)], {"model.activation": "sigmoid,tanh,relu"}),
+    "digits_sigmoid": ("DigitsDataModule", [(64, 32), (32, 16), (16, 10)], None),
+    "digits_relu": ("DigitsDataModule", [(64, 32), (32, 16), (16, 10)], None),
+    "digits_numpy": ("DigitsDataModule", None, None),
+    "mnist_tp": ("MNISTDataModule", [(784, 32), (32, 10)], None),
+    "batch_size_sweep": ("MNISTDataModule", [(784, 32), (32, 10)], {"data.batch_size": "16,128,1024,8192"}),
+    "lesson_d_models": ("FashionMNISTDataModule", [(784, 120), (120, 10)], {"model": "simple_net,sigmoid_net,relu_net"}),
+    "dropout": ("DigitsDataModule", [(64, 512), (512, 512), (512, 10)], {"model.dropout": "0.0,0.5"}),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(LESSON_PRESETS))
+def test_lesson_presets_compose_and_build(tmp_path, preset):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF
+    from mlplab.numpy_net import NumpyMLP
+
+    data_cls, sizes, sweep = LESSON_PRESETS[preset]
+    cfg = compose_cfg([f"experiment={preset}"], tmp_path)
+    validate_train_config(cfg)
+    dm = build_datamodule(cfg.data)
+    assert type(dm).__name__ == data_cls
+    net = build_net(cfg.model, dm)
+    if isinstance(net, NumpyMLP):
+        assert net.sizes == [64, 32, 16, 10] and cfg.data.batch_size == 1 and cfg.loss._target_.endswith("SquaredError")
+    else:
+        assert [(m.in_features, m.out_features) for m in _linears(net)] == sizes
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hydra_cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
+    params = hydra_cfg.hydra.sweeper.params
+    assert (dict(params) if params else None) == sweep
+
+
+def test_xor_preset_learns_xor(tmp_path):
+    """Lesson A: the 2-2-1 sigmoid net with squared error classifies all four points."""
+    cfg = compose_cfg([*QUIET, "experiment=xor", "optimized_metric=test/acc"], tmp_path)
+    assert cfg.model.single_output and cfg.model.output_activation == "sigmoid"
+    assert train(cfg) == 1.0
+
+
+def test_digits_numpy_preset_passes_the_lessons_target(tmp_path):
+    cfg = compose_cfg([*QUIET, "experiment=digits_numpy", "optimized_metric=test/acc"], tmp_path)
+    assert train(cfg) > 0.90
+    assert (tmp_path / "numpy_net_best.npz").is_file()
+
+
+@pytest.mark.parametrize(("activation", "low", "high"), [("identity", 0.6, 0.85), ("relu", 0.9, 1.0)])
+def test_moons_activations_preset(tmp_path, activation, low, high):
+    """Lesson B.3: a linear net cannot separate the moons, ReLU can (two of the four sweep jobs)."""
+    cfg = compose_cfg([*QUIET, "experiment=moons_activations", f"model.activation={activation}",
+                       "optimized_metric=test/acc"], tmp_path)
+    assert low <= train(cfg) <= high
+
+
+def test_vanishing_gradient_preset(tmp_path):
+    """Lesson B.1 on the preset's untrained 50-layer chain: per-layer weight-gradient norms."""
+    norms = {}
+    for activation in ("sigmoid", "tanh", "relu"):
+        cfg = compose_cfg([f"experiment=vanishing_gradient", f"model.activation={activation}"], tmp_path)
+        L.seed_everything(cfg.seed, verbose=False)
+        dm = build_datamodule(cfg.data)
+        dm.setup()
+        net = build_net(cfg.model, dm)
+        x, y = dm.data_train.tensors
+        build_loss(cfg)(net(x), y).backward()
+        norms[activation] = [m.weight.grad.norm().item() for m in _linears(net)]
+    sigmoid, tanh, relu = norms["sigmoid"], norms["tanh"], norms["relu"]
+    assert len(sigmoid) == 51
+    assert sigmoid[-1] > 1e-3 and sigmoid[0] < 1e-12 * sigmoid[-1]  # vanishes with depth
+    assert all(a <= b * 10 for a, b in zip(sigmoid[:-1], sigmoid[1:]))  # roughly monotone
+    assert tanh[0] > 1e-6 * tanh[-1]  # far less vanishing
+    assert max(relu) == 0.0  # width 5, depth 50: dead at initialisation
