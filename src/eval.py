@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from mlplab.cli import register_resolvers, set_project_root, user_errors_exit
+from mlplab.cli import register_resolvers, run_job, set_project_root
 from mlplab.training import evaluate
 
 set_project_root(__file__)
@@ -11,9 +11,8 @@ register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
-@user_errors_exit
-def main(cfg: DictConfig) -> dict:
-    return evaluate(cfg)
+def main(cfg: DictConfig) -> None:
+    run_job(cfg, evaluate)
 
 
 if __name__ == "__main__":

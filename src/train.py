@@ -6,17 +6,17 @@ See ``python src/train.py --help`` and README.md.
 import hydra
 from omegaconf import DictConfig
 
-from mlplab.cli import register_resolvers, set_project_root, user_errors_exit
-from mlplab.training import train
+from mlplab.cli import register_resolvers, run_job, set_project_root
+from mlplab.training import fit
 
 set_project_root(__file__)
 register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-@user_errors_exit
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    # Returns cfg.optimized_metric for Hydra sweepers (Optuna); run.json records the rest.
+    return run_job(cfg, fit)
 
 
 if __name__ == "__main__":

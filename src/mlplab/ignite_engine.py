@@ -127,6 +127,7 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
     result = {f"train/{k}": float(v) for k, v in trainer.state.metrics.items()}
     result.update({f"val/{k}": float(v) for k, v in evaluator.state.metrics.items()})
     result["val/acc_best"] = best["val/acc_best"]
+    result["epochs"] = float(trainer.state.epoch)
 
     if cfg.get("test", True):
         Checkpoint.load_objects({"model": net}, torch.load(best_ckpt.last_checkpoint, map_location=device, weights_only=True))

@@ -21,6 +21,7 @@ from mlplab.data import TensorDataModule
 from mlplab.errors import ConfigError
 from mlplab.hparams import HPARAM_METRICS, flat_hparams, write_hparams_summary
 from mlplab.numpy_net import NumpyMLP
+from mlplab.runs import mark_training_started
 
 REQUIRED = "loss=mse scheduler=none optimizer=sgd optimizer.momentum=0 optimizer.weight_decay=0"
 
@@ -56,6 +57,7 @@ def _evaluate(net: NumpyMLP, x: np.ndarray, y: np.ndarray) -> tuple[float, float
 
 def fit_numpy(cfg: DictConfig, dm: TensorDataModule, net: NumpyMLP) -> dict[str, float]:
     _check(cfg)
+    mark_training_started()
     out_dir = Path(cfg.paths.output_dir)
     lr = float(cfg.optimizer.lr)
     epochs = int(cfg.trainer.max_epochs)
@@ -93,5 +95,5 @@ def fit_numpy(cfg: DictConfig, dm: TensorDataModule, net: NumpyMLP) -> dict[str,
                 writer.add_scalar(key, result[key], epochs * steps_per_epoch)
     if writer is not None:
         writer.close()
-    result["epochs"] = epochs
+    result["epochs"] = float(epochs)
     return result

@@ -27,6 +27,7 @@ from mlplab.errors import CheckpointError, ConfigError, MlplabError
 from mlplab.hparams import flat_hparams, log_hparams
 from mlplab.models import ClassificationLoss, Classifier, CrossEntropy
 from mlplab.numpy_net import NumpyMLP
+from mlplab.runs import mark_training_started
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,13 @@ def _as_floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> float | None:
     """Train, test the best checkpoint, and return ``cfg.optimized_metric`` (for sweepers)."""
+    metrics = fit(cfg)
+    metric_name = cfg.get("optimized_metric")
+    return metrics.get(metric_name) if metric_name else None
+
+
+def fit(cfg: DictConfig) -> dict[str, float]:
+    """Train, test the best checkpoint; returns every final metric and ``epochs`` (epochs completed)."""
     validate_train_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -104,13 +112,14 @@ def train(cfg: DictConfig) -> float | None:
 
         metrics = fit_numpy(cfg, dm, net)
         _report(metrics, cfg)
-        return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+        return metrics
     if engine == "ignite":
         from mlplab.ignite_engine import fit_ignite
 
+        mark_training_started()
         metrics = fit_ignite(cfg, dm, net)
         _report(metrics, cfg)
-        return metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+        return metrics
     if engine != "lightning":
         raise ConfigError(f"engine={engine!r} is invalid; allowed: lightning, ignite")
     model = Classifier(
@@ -129,8 +138,10 @@ def train(cfg: DictConfig) -> float | None:
     # torch.compile on the LightningModule: Lightning unwraps it for checkpoints, so they
     # load into an uncompiled net (eval.py) as usual.
     fit_model = torch.compile(model) if cfg.get("compile", False) else model
+    mark_training_started()
     trainer.fit(fit_model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
     metrics = _as_floats(trainer.callback_metrics)
+    metrics["epochs"] = float(trainer.current_epoch)
 
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -140,8 +151,7 @@ def train(cfg: DictConfig) -> float | None:
         metrics.update(_as_floats(trainer.callback_metrics))
 
     _report(metrics, cfg)
-    metric_name = cfg.get("optimized_metric")
-    return metrics.get(metric_name) if metric_name else None
+    return metrics
 
 
 @rank_zero_only
