@@ -287,11 +287,28 @@ def test_lesson_presets_compose_and_build(tmp_path, preset):
     assert (dict(params) if params else None) == sweep
 
 
-def test_xor_preset_learns_xor(tmp_path):
-    """Lesson A: the 2-2-1 sigmoid net with squared error classifies all four points."""
-    cfg = compose_cfg([*QUIET, "experiment=xor", "optimized_metric=test/acc"], tmp_path)
+def test_xor_preset_learns_xor_and_eval_reproduces_it(tmp_path):
+    """Lesson A: the 2-2-1 sigmoid net with squared error classifies all four points; eval.py
+    rebuilds net *and loss* from the checkpoint (same test/loss, a squared error)."""
+    from mlplab.training import evaluate, fit
+
+    cfg = compose_cfg([*QUIET, "experiment=xor"], tmp_path / "run")
     assert cfg.model.single_output and cfg.model.output_activation == "sigmoid"
-    assert train(cfg) == 1.0
+    metrics = fit(cfg)
+    assert metrics["test/acc"] == 1.0 and metrics["epochs"] == 200
+    assert 0.0 < metrics["test/loss"] < 0.02  # mean 1/2 (o - d)^2 with every o on the right side of 0.5
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
+    ev = evaluate(compose_cfg(["trainer=cpu", "logger=none", f"ckpt_path={ckpt}"], tmp_path / "eval", config_name="eval"))
+    assert ev["test/acc"] == 1.0 and ev["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-6)
+
+
+def test_numpy_mlp_refuses_settings_it_would_ignore(tmp_path):
+    cfg = compose_cfg([*QUIET, "model=numpy_mlp"], tmp_path)
+    with pytest.raises(ConfigError, match="model=numpy_mlp trains with squared error and plain gradient descent") as info:
+        train(cfg)
+    assert "allowed: loss=mse scheduler=none" in str(info.value)
+    with pytest.raises(ConfigError, match="model.activation='relu' is invalid for model=numpy_mlp"):
+        build_net(compose_cfg(["model=numpy_mlp", "+model.activation=relu"], tmp_path).model, XORDataModule())
 
 
 def test_digits_numpy_preset_passes_the_lessons_target(tmp_path):
