@@ -343,3 +343,53 @@ def test_vanishing_gradient_preset(tmp_path):
     assert all(a <= b * 10 for a, b in zip(sigmoid[:-1], sigmoid[1:]))  # roughly monotone
     assert tanh[0] > 1e-6 * tanh[-1]  # far less vanishing
     assert max(relu) == 0.0  # width 5, depth 50: dead at initialisation
+
+
+# -- slow: presets on real MNIST / Fashion-MNIST and the long digits recipes ---------------------------
+
+
+def _real(real_data_dir) -> list[str]:
+    return [f"data.data_dir={real_data_dir}", "data.download=false"]
+
+
+@pytest.mark.slow
+def test_mnist_tp_preset(tmp_path, real_data_dir):
+    """Lesson C in torch: 32 sigmoid units, squared error, batch 512, 10 epochs."""
+    cfg = compose_cfg([*QUIET, "experiment=mnist_tp", *_real(real_data_dir)], tmp_path)
+    from mlplab.training import fit
+
+    metrics = fit(cfg)
+    assert metrics["test/acc"] >= 0.92 and metrics["epochs"] == 10
+
+
+@pytest.mark.slow
+def test_lesson_d_models_preset(tmp_path, real_data_dir):
+    """Lesson D's three nets at its small lr: ReLU learns fastest, SigmoidNet slowest."""
+    from mlplab.training import fit
+
+    acc = {}
+    for model in ("simple_net", "sigmoid_net", "relu_net"):
+        cfg = compose_cfg([*QUIET, "experiment=lesson_d_models", f"model={model}", *_real(real_data_dir)], tmp_path / model)
+        acc[model] = fit(cfg)["test/acc"]
+    assert acc["relu_net"] > acc["simple_net"] > acc["sigmoid_net"]
+    assert acc["simple_net"] >= 0.65
+
+
+@pytest.mark.slow
+def test_dropout_preset_shows_overfitting(tmp_path):
+    from mlplab.training import fit
+
+    runs = {p: fit(compose_cfg([*QUIET, "experiment=dropout", f"model.dropout={p}"], tmp_path / str(p))) for p in (0.0, 0.5)}
+    plain, dropout = runs[0.0], runs[0.5]
+    assert plain["train/acc"] == 1.0 and plain["train/loss"] < 0.01  # the 200 training digits are memorised
+    assert plain["val/acc"] < 0.97  # ... the validation digits are not
+    assert dropout["val/loss"] < plain["val/loss"]
+
+
+@pytest.mark.slow
+def test_digits_keras_presets(tmp_path):
+    """Lesson A.4: at the Keras settings (SGD 0.01, 300 epochs) ReLU beats sigmoid."""
+    acc = {p: train(compose_cfg([*QUIET, f"experiment={p}", "optimized_metric=test/acc"], tmp_path / p))
+           for p in ("digits_relu", "digits_sigmoid")}
+    assert acc["digits_relu"] >= 0.93
+    assert acc["digits_sigmoid"] < acc["digits_relu"]
