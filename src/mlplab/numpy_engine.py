@@ -23,7 +23,7 @@ from mlplab.hparams import HPARAM_METRICS, flat_hparams, write_hparams_summary
 from mlplab.numpy_net import NumpyMLP
 from mlplab.runs import mark_training_started
 
-REQUIRED = "loss=mse scheduler=none optimizer=sgd optimizer.momentum=0 optimizer.weight_decay=0"
+REQUIRED = "loss=mse scheduler=none optimizer=sgd optimizer.momentum=0 optimizer.weight_decay=0 augment=none"
 
 
 def _check(cfg: DictConfig) -> None:
@@ -36,6 +36,7 @@ def _check(cfg: DictConfig) -> None:
         and opt.get("_target_") == "torch.optim.SGD"
         and not opt.get("momentum") and not opt.get("weight_decay") and not opt.get("nesterov")
         and cfg.get("engine", "lightning") == "lightning"
+        and not OmegaConf.select(cfg, "data.augment", default=None)
     )
     if not ok:
         raise ConfigError(
