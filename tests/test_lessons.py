@@ -14,7 +14,7 @@ from torch import nn
 
 from conftest import QUICK, compose_cfg
 from mlplab.config import validate_train_config
-from mlplab.data import DigitsDataModule, MoonsDataModule, XORDataModule
+from mlplab.data import MoonsDataModule, XORDataModule
 from mlplab.errors import ConfigError
 from mlplab.models import MLP, CrossEntropy, SquaredError
 from mlplab.training import build_datamodule, build_loss, build_net, train
