@@ -42,6 +42,14 @@ QUICK = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _forget_hydra_config():
+    """compose_cfg() sets Hydra's global HydraConfig; reset it after each test so that no
+    test sees another's overrides (run_job records HydraConfig's task overrides)."""
+    yield
+    HydraConfig.instance().cfg = None
+
+
 def compose_cfg(overrides: list[str], out_dir: Path, config_name: str = "train") -> DictConfig:
     """Compose a config as the CLI would, with every output under ``out_dir``."""
     GlobalHydra.instance().clear()
