@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from mlplab.cli import register_resolvers, run_job, set_project_root
+from mlplab.cli import prepare_argv, register_resolvers, run_job, set_project_root
 from mlplab.training import evaluate
 
 set_project_root(__file__)
@@ -16,4 +16,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    prepare_argv()
     main()

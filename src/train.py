@@ -6,7 +6,7 @@ See ``python src/train.py --help`` and README.md.
 import hydra
 from omegaconf import DictConfig
 
-from mlplab.cli import register_resolvers, run_job, set_project_root
+from mlplab.cli import prepare_argv, register_resolvers, run_job, set_project_root
 from mlplab.training import fit
 
 set_project_root(__file__)
@@ -20,4 +20,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    prepare_argv()
     main()

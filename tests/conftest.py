@@ -43,9 +43,8 @@ QUICK = [
 
 
 @pytest.fixture(autouse=True)
-def _forget_hydra_config():
-    """compose_cfg() sets Hydra's global HydraConfig; reset it after each test so that no
-    test sees another's overrides (run_job records HydraConfig's task overrides)."""
+def _no_hydra_config_left_behind():
+    """compose_cfg sets Hydra's global HydraConfig; each test starts and ends without one."""
     yield
     HydraConfig.instance().cfg = None
 

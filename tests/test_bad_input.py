@@ -72,6 +72,8 @@ BAD_VALUES = [
     (["model.activation=swish"], ["model.activation='swish'", "relu"]),
     # trainer / misc
     (["trainer.devices=0"], ["trainer.devices=0"]),
+    (["trainer=ddp_cpu", "trainer.use_distributed_sampler=true"], ["trainer.use_distributed_sampler=true", "false"]),
+    (["trainer=ddp_cpu", "trainer.num_nodes=0"], ["trainer.num_nodes=0", "positive integer"]),
     (["optimized_metric=val/accuracy"], ["optimized_metric='val/accuracy'", "val/acc_best"]),
     (["engine=keras"], ["engine='keras'", "lightning", "ignite"]),
 ]

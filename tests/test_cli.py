@@ -353,7 +353,7 @@ def test_ddp_cpu_writes_one_run_dir(tmp_path: Path) -> None:
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert len(list((run_dir / "checkpoints").glob("*.ckpt"))) == 2  # last + best
     assert list(run_dir.rglob("config.yaml")) == [run_dir / ".hydra" / "config.yaml"]
-    assert (run_dir / "train.log").is_file() and (run_dir / "train_ddp_process_1.log").is_file()
+    assert (run_dir / "train.log").is_file() and (run_dir / "train_rank1.log").is_file()
 
     scalars = _scalars(_accumulator(run_dir / "tensorboard"))
     assert set(METRIC_TAGS) <= set(scalars)

@@ -162,14 +162,15 @@ def test_scheduler_cosine_anneals_over_max_epochs(tmp_path, epochs):
 
 @pytest.mark.parametrize(
     ("option", "strategy_cls", "num_devices"),
-    [("default", "SingleDeviceStrategy", 1), ("cpu", "SingleDeviceStrategy", 1), ("ddp_cpu", "DDPStrategy", 2)],
+    [("default", "SingleDeviceStrategy", 1), ("cpu", "SingleDeviceStrategy", 1), ("ddp_cpu", "HydraDDPStrategy", 2)],
 )
 def test_cpu_trainers_instantiate(tmp_path, option, strategy_cls, num_devices):
     cfg = compose_cfg([f"trainer={option}", "logger=none", "callbacks=none"], tmp_path)
     validate_trainer(cfg)
     assert cfg.trainer.max_epochs == 10 and cfg.trainer.min_epochs == 1
     if option == "ddp_cpu":
-        assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 2 and cfg.trainer.strategy == "ddp"
+        assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 2
+        assert cfg.trainer.strategy._target_ == "mlplab.distributed.HydraDDPStrategy"
         assert cfg.trainer.num_nodes == 1
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     assert isinstance(trainer, L.Trainer)
@@ -185,15 +186,18 @@ def test_cpu_trainers_instantiate(tmp_path, option, strategy_cls, num_devices):
     ("option", "expected"),
     [
         ("gpu", {"accelerator": "gpu", "devices": 1}),
-        ("ddp", {"accelerator": "gpu", "devices": -1, "strategy": "ddp", "num_nodes": 1, "sync_batchnorm": False}),
+        ("ddp", {"accelerator": "gpu", "devices": -1, "num_nodes": 1, "sync_batchnorm": False}),
     ],
 )
 def test_gpu_trainers_compose(tmp_path, option, expected):
     cfg = compose_cfg([f"trainer={option}"], tmp_path)
     for key, value in expected.items():
         assert cfg.trainer[key] == value, key
+    if option == "ddp":
+        assert cfg.trainer.strategy._target_ == "mlplab.distributed.HydraDDPStrategy"
     # inherited from trainer/default
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    assert cfg.trainer.use_distributed_sampler is False
     assert cfg.trainer.max_epochs == 10
     assert cfg.trainer.default_root_dir == str(tmp_path)
     validate_trainer(cfg)  # devices -1 ("all") is valid

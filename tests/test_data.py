@@ -6,19 +6,18 @@ import gzip
 import math
 import socket
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.utilities.data import _update_dataloader
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torchvision.datasets import MNIST
 
 from conftest import RAW_NAMES, write_tiny_mnist
 from mlplab.data import BatchSliceSampler, DigitsDataModule, FashionMNISTDataModule, MNISTDataModule, split_indices
-from mlplab.errors import DataError
+from mlplab.errors import ConfigError, DataError
 
 N_DIGITS = 1797
 
@@ -200,30 +199,62 @@ def test_shuffle_is_reproducible_under_a_seed(digits_default):
     assert not torch.equal(torch.cat([y for _, y in loader]), torch.cat([y for _, y in loader]))
 
 
-def test_train_loader_is_standard_and_lightning_shards_it(digits_default):
-    dm = digits_default
+def _rank_loaders(dm: DigitsDataModule, stage: str, world: int) -> list[DataLoader]:
+    """The loader each of ``world`` DDP ranks gets (every rank runs with the same seed)."""
+    loaders = []
+    for rank in range(world):
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+        torch.manual_seed(7)
+        loaders.append(getattr(dm, f"{stage}_dataloader")())
+    dm.trainer = None
+    return loaders
+
+
+def test_train_loader_is_standard_and_sharded_per_rank():
+    dm = _digits()
     loader = dm.train_dataloader()
     assert type(loader) is DataLoader and loader.num_workers == 0
     assert isinstance(loader.sampler, BatchSliceSampler) and loader.sampler.shuffle
     assert loader.batch_size is None and len(loader) == math.ceil(len(dm.data_train) / 32)
 
-    # What Lightning does under DDP: rebuild the loader around its DistributedSamplerWrapper.
-    n = len(dm.data_train)
-    seen = []
-    for rank in range(2):
-        torch.manual_seed(7)  # every rank runs with the same seed
-        loader = dm.train_dataloader()
-        sampler = DistributedSamplerWrapper(loader.sampler, num_replicas=2, rank=rank, shuffle=False)
-        dist_loader = _update_dataloader(loader, sampler)
-        assert dist_loader.sampler is sampler
-        batches = list(dist_loader)
-        assert len(batches) == math.ceil(len(loader) / 2)
-        assert all(x.shape[1:] == (1, 8, 8) and len(x) <= 32 for x, _ in batches)
-        seen.append(torch.cat([x for x, _ in batches]))
-    both = torch.cat(seen)
-    # the ranks' shares are disjoint and together cover every sample (one batch may repeat as padding)
-    assert len(_rows(both, torch.zeros(len(both), dtype=torch.long))) == n
-    assert len(both) - n <= 32
+    # Under DDP: data.batch_size is per rank; every rank takes the same number of steps,
+    # ceil(ceil(n / ranks) / batch_size), and together they see every sample of the epoch.
+    n = len(dm.data_train)  # 1213: odd, so one sample is served twice (padding)
+    for world in (2, 3):
+        share = math.ceil(n / world)
+        seen = []
+        for rank_loader in _rank_loaders(dm, "train", world):
+            batches = list(rank_loader)
+            assert len(rank_loader) == len(batches) == math.ceil(share / 32)
+            assert [len(y) for _, y in batches] == [32] * (share // 32) + ([share % 32] if share % 32 else [])
+            seen.append(torch.cat([x for x, _ in batches]))
+        both = torch.cat(seen)
+        assert len(both) == world * share and world * share - n < world
+        assert set(_rows(both, torch.zeros(len(both), dtype=torch.long))) == set(
+            _rows(dm.data_train.tensors[0], torch.zeros(n, dtype=torch.long))
+        )
+    # One rank: the same batches as before sharding existed (0..n in steps of batch_size).
+    torch.manual_seed(7)
+    assert [(s.start, s.stop) for s in dm.train_dataloader().sampler] == [(i, min(i + 32, n)) for i in range(0, n, 32)]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_eval_loaders_shard_every_sample_exactly_once(world):
+    dm = _digits(eval_batch_size=100)
+    n = len(dm.data_test)
+    assert n == 449  # divides by neither 2 nor 3 ranks, nor by the batch size
+    parts = [torch.cat([y for _, y in rank_loader]) for rank_loader in _rank_loaders(dm, "test", world)]
+    # contiguous blocks, sizes differing by at most one, no padding: the stored order, once
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert torch.equal(torch.cat(parts), dm.data_test.tensors[1])
+    assert all(len(y) <= 100 for rank_loader in _rank_loaders(dm, "val", world) for _, y in rank_loader)
+
+
+def test_too_many_ranks_for_a_split():
+    dm = _digits(val_size=2)
+    dm.trainer = SimpleNamespace(world_size=3, global_rank=0)
+    with pytest.raises(ConfigError, match=r"trainer.devices=3 processes in all is invalid for a split of 2 samples"):
+        dm.val_dataloader()
 
 
 # -- MNIST / Fashion-MNIST from IDX files ------------------------------------------------------------

@@ -218,3 +218,26 @@ def test_lean_accuracy_equals_torchmetrics():
     assert ours.total.item() == 145
     ours.reset()
     assert ours.correct.item() == 0 and ours.total.item() == 0
+
+
+def test_mean_loss_is_the_per_sample_mean():
+    from torchmetrics import MeanMetric
+
+    from mlplab.models.metrics import MeanLoss
+
+    losses = torch.rand(145, dtype=torch.float64)
+    ours, reference = MeanLoss(), MeanMetric()
+    for start, stop in ((0, 64), (64, 128), (128, 145)):  # uneven last batch
+        batch = losses[start:stop].float()
+        ours.update(batch.mean(), stop - start)
+        reference.update(batch.mean(), weight=stop - start)
+    assert ours.compute().item() == pytest.approx(losses.mean().item(), rel=1e-6)
+    assert ours.compute().item() == pytest.approx(reference.compute().item(), rel=1e-6)
+    # any batching gives the same value (so 1 process and 2 DDP ranks agree)
+    other = MeanLoss()
+    for start, stop in ((0, 100), (100, 145)):
+        other.update(losses[start:stop].float().mean(), stop - start)
+    assert other.compute().item() == pytest.approx(ours.compute().item(), rel=1e-6)
+    assert ours.count.item() == 145
+    ours.reset()
+    assert ours.count.item() == 0 and ours.weighted_sum.item() == 0

@@ -7,7 +7,9 @@
 - a single run that fails before training started leaves nothing in ``logs/`` (its dir
   holds only Hydra's own files, which are removed) and exits 2; after training started the
   dir is kept, marked failed;
-- in a multirun a failing job is recorded and the sweep goes on, unless ``fail_fast``.
+- in a multirun a failing job is recorded and the sweep goes on, unless ``fail_fast``;
+- under DDP (:mod:`mlplab.distributed`) the job's child ranks, process group and launch
+  environment end with the job.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab import runs
+from mlplab.distributed import ddp_job, external_rank_argv
 from mlplab.errors import MlplabError
 
 EXIT_USER_ERROR = 2
@@ -43,8 +46,26 @@ def register_resolvers() -> None:
 
 
 def set_project_root(entry_file: str) -> None:
-    """``paths.root_dir`` defaults to the checkout holding ``src/<entry>.py``."""
+    """``paths.root_dir`` defaults to the checkout holding ``src/<entry>.py``.
+
+    The entry script is recorded too (``MLPLAB_ENTRY``): DDP child ranks re-run it, also
+    from sweep launchers whose workers are not started from the script.
+    """
     os.environ.setdefault("MLPLAB_ROOT", str(Path(entry_file).resolve().parents[1]))
+    os.environ["MLPLAB_ENTRY"] = str(Path(entry_file).resolve())
+
+
+def prepare_argv() -> None:
+    """Adjust ``sys.argv`` before Hydra parses it, for ranks started by torchrun/srun.
+
+    See :func:`mlplab.distributed.external_rank_argv`; a bad launch is one line on
+    stderr and exit code 2, before any output dir exists.
+    """
+    try:
+        sys.argv = external_rank_argv(sys.argv)
+    except MlplabError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def _hydra_job() -> tuple[bool, list[str]]:
@@ -108,7 +129,9 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, float]]) -> 
         })
 
     try:
-        metrics = dict(task(cfg))
+        # The job's DDP ranks end with it: a sweep's next job starts from scratch.
+        with ddp_job():
+            metrics = dict(task(cfg))
     except MlplabError as err:
         message = _one_line(err)
         print(f"error: {message}", file=sys.stderr, flush=True)

@@ -40,6 +40,13 @@ def validate_trainer(cfg: DictConfig) -> None:
     positive_int("trainer.max_epochs", trainer.get("max_epochs"))
     if trainer.get("min_epochs") is not None:
         int_in("trainer.min_epochs", trainer.min_epochs, low=0)
+    if trainer.get("num_nodes") is not None:
+        positive_int("trainer.num_nodes", trainer.num_nodes)
+    if trainer.get("use_distributed_sampler"):
+        raise ConfigError(
+            "trainer.use_distributed_sampler=true is invalid; allowed: false (mlplab's DataModules shard "
+            "batches across DDP ranks themselves, evaluating every sample exactly once)"
+        )
     devices = trainer.get("devices")
     if not _valid_devices(devices):
         raise ConfigError(

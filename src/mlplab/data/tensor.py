@@ -9,9 +9,13 @@ zero-copy view. No per-sample Python, no PIL, no worker processes. On a GPU the 
 are moved to the device once, in ``setup``, and the permutation is drawn there too, so
 a training step copies nothing from the host.
 
-Under DDP Lightning wraps the sampler in its ``DistributedSamplerWrapper``, which hands
-each rank a disjoint share of the batches; every rank draws the same permutation (same
-seed, same epoch), so the shares partition the data.
+Under DDP the sampler itself gives each rank its share (Lightning's distributed sampler
+is off: ``trainer.use_distributed_sampler=false``). ``data.batch_size`` is per rank.
+Training: every rank draws the same permutation (same seed, same epoch) and takes its
+own contiguous block of ``ceil(n / ranks)`` positions, padded by wrapping around, so all
+ranks take the same number of steps (DDP needs that). Evaluation: the blocks partition
+the ``n`` samples exactly (sizes differ by at most one) -- no padding, so every sample
+counts once in the synced metrics.
 """
 
 from __future__ import annotations
@@ -64,32 +68,62 @@ class BatchTensorDataset(Dataset):
 class BatchSliceSampler(Sampler[slice]):
     """One ``slice(start, stop)`` of positions per batch, in order; the last may be short.
 
-    With ``shuffle``, each epoch first draws a new ``order`` for the dataset on the
-    dataset's device, seeded by ``seed + epoch``: reproducible, and the same on every
+    With ``shuffle`` (training), each epoch first draws a new ``order`` for the dataset on
+    the dataset's device, seeded by ``seed + epoch``: reproducible, and the same on every
     DDP rank. Lightning calls :meth:`set_epoch`; without it the epoch counts up by itself.
+
+    With ``num_replicas > 1`` this rank (``rank``) walks only its own block of positions
+    (see the module doc): with ``shuffle`` equal blocks of ``ceil(n / num_replicas)``,
+    the order padded by wrapping around; without, an exact partition of the ``n`` samples.
     """
 
-    def __init__(self, dataset: BatchTensorDataset, batch_size: int, shuffle: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: BatchTensorDataset,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def block(self) -> tuple[int, int]:
+        """``(start, stop)``: the positions this rank walks."""
+        n, world, rank = len(self.dataset), self.num_replicas, self.rank
+        if self.shuffle:
+            share = math.ceil(n / world)
+            return rank * share, (rank + 1) * share
+        return rank * n // world, (rank + 1) * n // world
+
     def __len__(self) -> int:
-        return math.ceil(len(self.dataset) / self.batch_size)
+        start, stop = self.block()
+        return math.ceil((stop - start) / self.batch_size)
 
     def __iter__(self) -> Iterator[slice]:
         n = len(self.dataset)
+        start, stop = self.block()
         if self.shuffle:
             gen = torch.Generator(device=self.dataset.device).manual_seed(self.seed + self.epoch)
-            self.dataset.order = torch.randperm(n, generator=gen, device=self.dataset.device)
+            order = torch.randperm(n, generator=gen, device=self.dataset.device)
+            padded = self.num_replicas * (stop - start)
+            if padded > n:  # wrap around: the first positions serve twice
+                order = order.repeat(math.ceil(padded / n))[:padded]
+            self.dataset.order = order
             self.epoch += 1
-        for start in range(0, n, self.batch_size):
-            yield slice(start, min(start + self.batch_size, n))
+        for begin in range(start, stop, self.batch_size):
+            yield slice(begin, min(begin + self.batch_size, stop))
 
 
 def split_indices(
@@ -214,8 +248,16 @@ class TensorDataModule(L.LightningDataModule):
     def _loader(self, dataset: BatchTensorDataset | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        if len(dataset) < world:
+            raise ConfigError(
+                f"trainer.devices={world} processes in all is invalid for a split of {len(dataset)} samples; "
+                f"allowed: at most {len(dataset)} processes (each rank needs a sample), or larger splits"
+            )
         # torch.initial_seed() is the run's seed (seed_everything), the same on every rank.
-        sampler = BatchSliceSampler(dataset, batch_size, shuffle=shuffle, seed=torch.initial_seed())
+        sampler = BatchSliceSampler(
+            dataset, batch_size, shuffle=shuffle, seed=torch.initial_seed(), num_replicas=world, rank=rank
+        )
         return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=_as_is)
 
     def train_dataloader(self) -> DataLoader:

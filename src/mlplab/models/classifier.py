@@ -8,10 +8,10 @@ from typing import Any, Callable
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MaxMetric
 
 from mlplab.models.losses import ClassificationLoss, CrossEntropy
-from mlplab.models.metrics import Accuracy
+from mlplab.models.metrics import Accuracy, MeanLoss
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -54,25 +54,25 @@ class Classifier(L.LightningModule):
 
         # Lean per-step metrics: no input validation or NaN checks (each a host sync).
         self.train_acc, self.val_acc, self.test_acc = Accuracy(), Accuracy(), Accuracy()
-        self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
+        self.train_loss, self.val_loss, self.test_loss = MeanLoss(), MeanLoss(), MeanLoss()
         self.val_acc_best = MaxMetric()
 
     def forward(self, x: Tensor) -> Tensor:
         """Class scores (``num_classes`` columns; arg-max = the predicted class)."""
         return self.criterion.scores(self.net(x))
 
-    def _step(self, batch: tuple[Tensor, Tensor], loss_metric: MeanMetric, acc_metric: Accuracy) -> Tensor:
+    def _step(self, batch: tuple[Tensor, Tensor], loss_metric: MeanLoss, acc_metric: Accuracy) -> Tensor:
         x, y = batch
         outputs = self.net(x)
         loss = self.criterion(outputs, y)
         logits = self.criterion.scores(outputs)
         # Accumulated on the device; weighted by batch size, so the epoch value is the exact
         # mean over samples. Nothing is logged (and nothing synced) until the epoch ends.
-        loss_metric.update(loss.detach(), weight=y.numel())
+        loss_metric.update(loss, y.numel())
         acc_metric.update(logits.detach(), y)
         return loss
 
-    def _log_epoch(self, stage: str, loss_metric: MeanMetric, acc_metric: Accuracy) -> Tensor:
+    def _log_epoch(self, stage: str, loss_metric: MeanLoss, acc_metric: Accuracy) -> Tensor:
         """Log ``<stage>/loss`` and ``<stage>/acc`` (computed across ranks), reset, return the accuracy."""
         loss, acc = loss_metric.compute(), acc_metric.compute()
         loss_metric.reset()
