@@ -31,15 +31,22 @@ def _options(group: str) -> set[str]:
 
 def test_groups_listed_here_are_all_the_groups_there_are():
     # If someone adds an option, the parametrised tests below must learn about it.
-    assert _options("data") == {"digits", "mnist", "fashion_mnist"}
-    assert _options("model") == {"simple_net", "sigmoid_net", "relu_mlp"}
-    assert _options("optimizer") == {"sgd"}
+    assert _options("data") == {"digits", "mnist", "fashion_mnist", "xor", "moons"}
+    assert _options("augment") == {"none", "affine"}
+    assert _options("model") == {"simple_net", "sigmoid_net", "relu_mlp", "relu_net", "numpy_mlp"}
+    assert _options("loss") == {"cross_entropy", "mse"}
+    assert _options("optimizer") == {"sgd", "adam"}
     assert _options("scheduler") == {"none", "cosine", "onecycle"}
     assert _options("trainer") == {"default", "cpu", "gpu", "ddp", "ddp_cpu"}
     assert _options("logger") == {"tensorboard", "csv", "many_loggers", "none"}
     assert _options("callbacks") == {"default", "early_stopping", "diagnostics", "none"}
     assert _options("debug") == {"fdr", "overfit"}
-    assert _options("experiment") == {"lesson_d_fashion", "mnist_fast", "fashion_fast"}
+    assert _options("experiment") == {
+        "lesson_d_fashion", "mnist_fast", "fashion_fast",
+        # issue 4's lesson presets (tests/test_lessons.py)
+        "xor", "moons_activations", "vanishing_gradient", "digits_sigmoid", "digits_relu", "digits_numpy",
+        "mnist_tp", "batch_size_sweep", "lesson_d_models", "dropout",
+    }
 
 
 def test_default_train_config(tmp_path):
@@ -364,14 +371,17 @@ def test_eval_config_requires_ckpt_path(tmp_path):
 def test_every_train_config_resolves(tmp_path):
     # The full cross product is large; one config per option of every group, all resolved.
     for group, options in [
-        ("data", ["digits", "mnist", "fashion_mnist"]),
-        ("model", ["simple_net", "sigmoid_net", "relu_mlp"]),
+        ("data", ["digits", "mnist", "fashion_mnist", "xor", "moons"]),
+        ("augment", ["none", "affine"]),
+        ("model", ["simple_net", "sigmoid_net", "relu_mlp", "relu_net", "numpy_mlp"]),
+        ("loss", ["cross_entropy", "mse"]),
+        ("optimizer", ["sgd", "adam"]),
         ("scheduler", ["none", "cosine", "onecycle"]),
         ("trainer", ["default", "cpu", "gpu", "ddp", "ddp_cpu"]),
         ("logger", ["tensorboard", "csv", "many_loggers", "none"]),
         ("callbacks", ["default", "early_stopping", "none"]),
         ("debug", ["fdr", "overfit"]),
-        ("experiment", ["lesson_d_fashion", "mnist_fast", "fashion_fast"]),
+        ("experiment", sorted(_options("experiment"))),
     ]:
         for option in options:
             cfg = compose_cfg([f"{group}={option}"], tmp_path)

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def validate_optimizer(cfg: DictConfig) -> None:
     opt = cfg.get("optimizer")
     if opt is None:
-        raise ConfigError("optimizer is missing; allowed: optimizer=sgd")
+        raise ConfigError("optimizer is missing; allowed: optimizer=sgd|adam")
     positive_number("optimizer.lr", opt.get("lr"))
     if "momentum" in opt:
         non_negative_number("optimizer.momentum", opt.momentum, below=1.0)
@@ -126,7 +126,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     """Everything train() can check before building data, net or Trainer."""
     int_in("seed", cfg.get("seed"))
     if cfg.get("data") is None or cfg.get("model") is None:
-        raise ConfigError("data and model must be chosen; allowed: data=digits|mnist|fashion_mnist, model=simple_net|sigmoid_net|relu_mlp")
+        raise ConfigError("data and model must be chosen; allowed: data=digits|mnist|fashion_mnist|xor|moons, model=simple_net|sigmoid_net|relu_mlp|numpy_mlp")
     validate_optimizer(cfg)
     validate_trainer(cfg)
     if cfg.get("ckpt_path") is not None:

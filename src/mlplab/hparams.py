@@ -21,7 +21,7 @@ from torch.utils.tensorboard.summary import hparams
 
 HPARAM_METRICS = ("val/acc_best", "val/acc", "test/acc", "test/loss")
 #: Config sections shown as hyper-parameters (paths and Hydra plumbing are left out).
-HPARAM_SECTIONS = ("model", "data", "optimizer", "scheduler")
+HPARAM_SECTIONS = ("model", "data", "loss", "optimizer", "scheduler")
 HPARAM_KEYS = ("seed", "trainer.max_epochs", "trainer.accelerator", "trainer.devices", "trainer.strategy")
 _SKIP = {"data_dir", "download", "_partial_"}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from hydra.utils import instantiate
@@ -25,6 +26,7 @@ from torch import nn
 
 from mlplab.errors import ConfigError
 from mlplab.models.classifier import build_scheduler
+from mlplab.training import build_loss
 from mlplab.hparams import HPARAM_METRICS, flat_hparams, write_hparams_summary
 
 
@@ -40,6 +42,16 @@ def _device(cfg: DictConfig) -> torch.device:
     if not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} but no GPU is visible; allowed: cpu, auto")
     return torch.device("cuda")
+
+
+def _prepare_batch(dm) -> Callable:
+    """ignite's batch preparation plus the DataModule's training augmentation (if any)."""
+
+    def prepare(batch, device, non_blocking):
+        x, y = (t.to(device, non_blocking=non_blocking) for t in batch)
+        return (dm.augment(x) if dm.augment is not None else x), y
+
+    return prepare
 
 
 def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] | None = None) -> dict[str, float]:
@@ -58,14 +70,15 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
     if cfg.get("scheduler"):
         steps = max_epochs * len(dm.train_dataloader())
         scheduler, interval = build_scheduler(instantiate(cfg.scheduler), optimizer, total_steps=lambda: steps)
-    criterion = nn.CrossEntropyLoss()
+    criterion = build_loss(cfg)
 
-    def metrics() -> dict:
-        return {"acc": Accuracy(), "loss": Loss(criterion)}
+    def metrics() -> dict:  # accuracy on class scores, the loss on the net's raw outputs
+        return {"acc": Accuracy(output_transform=lambda o: (criterion.scores(o[0]), o[1])), "loss": Loss(criterion)}
 
     trainer = create_supervised_trainer(
         net, optimizer, criterion, device=device,
         output_transform=lambda x, y, y_pred, loss: (y_pred.detach(), y),
+        prepare_batch=_prepare_batch(dm),
     )
     for name, metric in metrics().items():
         metric.attach(trainer, name)

@@ -36,7 +36,8 @@ from mlplab.config import (
 from mlplab.data import TensorDataModule
 from mlplab.errors import CheckpointError, ConfigError, MlplabError, RunInterrupted
 from mlplab.hparams import flat_hparams, log_hparams
-from mlplab.models import Classifier
+from mlplab.models import ClassificationLoss, Classifier, CrossEntropy
+from mlplab.numpy_net import NumpyMLP
 from mlplab.runs import mark_training_started
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,15 @@ def build_net(model_cfg: DictConfig, dm: TensorDataModule) -> torch.nn.Module:
     return _instantiate_checked(model_cfg, "model", input_dim=dm.input_dim, num_classes=dm.num_classes)
 
 
+def build_loss(cfg: DictConfig) -> ClassificationLoss:
+    """The ``loss`` group's object (cross-entropy when the config has none, e.g. older checkpoints)."""
+    node = cfg.get("loss")
+    loss = _instantiate_checked(node) if node else CrossEntropy()
+    if not isinstance(loss, ClassificationLoss):
+        raise ConfigError(f"loss._target_={node.get('_target_')} is not an mlplab loss; allowed: loss=cross_entropy|mse")
+    return loss
+
+
 def _summary(metrics: dict[str, float], output_dir: str | None) -> str:
     shown = [f"{k}={metrics[k]:.4f}" for k in ("test/acc", "val/acc_best", "test/loss") if k in metrics]
     return "  ".join(shown) + (f"  (output: {output_dir})" if output_dir else "")
@@ -120,6 +130,12 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     dm.check_available()
     net = build_net(cfg.model, dm)
     engine = cfg.get("engine", "lightning")
+    if isinstance(net, NumpyMLP):  # model=numpy_mlp: the lessons' NumPy network and loop
+        from mlplab.numpy_engine import fit_numpy
+
+        metrics = fit_numpy(cfg, dm, net)
+        _report(metrics, cfg)
+        return metrics
     if engine == "ignite":
         from mlplab.ignite_engine import fit_ignite
 
@@ -137,6 +153,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         config=OmegaConf.to_container(cfg, resolve=True),
+        loss=build_loss(cfg),
     )
     if ckpt_path is not None:
         check_checkpoint_fits(ckpt_path, model)
@@ -249,7 +266,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     dm = build_datamodule(data_cfg)
     dm.check_available()
     net = build_net(stored.model, dm)
-    model = Classifier.load_from_checkpoint(ckpt_path, map_location="cpu", net=net, weights_only=True)
+    model = Classifier.load_from_checkpoint(ckpt_path, map_location="cpu", net=net, loss=build_loss(stored), weights_only=True)
 
     loggers = _instantiate_group(cfg.get("logger"), "logger")
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks"), "callbacks"))

@@ -1,6 +1,7 @@
 """DataModules: every dataset is held as preprocessed tensors and served by tensor indexing."""
 
 from mlplab.data.digits import DigitsDataModule
+from mlplab.data.toy import MoonsDataModule, XORDataModule
 from mlplab.data.tensor import BatchSliceSampler, BatchTensorDataset, TensorDataModule, split_indices
 from mlplab.data.vision import FashionMNISTDataModule, MNISTDataModule
 
@@ -12,4 +13,6 @@ __all__ = [
     "DigitsDataModule",
     "MNISTDataModule",
     "FashionMNISTDataModule",
+    "XORDataModule",
+    "MoonsDataModule",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from sklearn.datasets import load_digits
-from torch import Tensor
+from torch import Tensor, nn
 
 from mlplab.data.tensor import TensorDataModule, normalise, split_indices
 from mlplab.errors import ConfigError
@@ -33,6 +33,7 @@ class DigitsDataModule(TensorDataModule):
         eval_batch_size: int | None = None,
         mean: float = 0.0,
         std: float = 1.0,
+        augment: nn.Module | None = None,
     ) -> None:
         self.test_size = size_or_fraction("data.test_size", test_size)
         n_test = resolve_size(self.test_size, N_DIGITS)
@@ -44,7 +45,7 @@ class DigitsDataModule(TensorDataModule):
         self.n_test = n_test
         self.expected_pool_size = N_DIGITS - n_test
         self.mean, self.std = float(mean), float(std)
-        super().__init__(batch_size, val_size, train_size, split_seed, eval_batch_size)
+        super().__init__(batch_size, val_size, train_size, split_seed, eval_batch_size, augment)
 
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         digits = load_digits()

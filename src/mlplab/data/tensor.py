@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mlplab.errors import ConfigError
@@ -151,6 +151,11 @@ class TensorDataModule(L.LightningDataModule):
 
     Split sizes are a count (int) or a fraction of the pool (float); ``train_size=None``
     takes whatever the validation set leaves.
+
+    ``augment`` (image data only, off by default) is a module applied to each *training*
+    batch after it reached its device (:meth:`on_after_batch_transfer`), e.g.
+    ``kornia.augmentation.RandomAffine``: random parameters per image, drawn from torch's
+    seeded global generator. Validation and test batches are never touched.
     """
 
     input_shape: tuple[int, ...] = ()
@@ -165,8 +170,15 @@ class TensorDataModule(L.LightningDataModule):
         train_size: int | float | None = None,
         split_seed: int = 42,
         eval_batch_size: int | None = None,
+        augment: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        if augment is not None and len(self.input_shape) != 3:
+            raise ConfigError(
+                f"data.augment is set but {type(self).__name__} is not image data (input shape {self.input_shape}); "
+                "allowed: augment=none for this data"
+            )
+        self.augment = augment
         self.batch_size = positive_int("data.batch_size", batch_size)
         self.eval_batch_size = positive_int(
             "data.eval_batch_size", eval_batch_size if eval_batch_size is not None else max(batch_size, 1000)
@@ -216,15 +228,18 @@ class TensorDataModule(L.LightningDataModule):
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.data_train is not None:
-            return
+    def splits(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """``(x, y)`` of train, validation and test: the pool from :meth:`load`, split seeded."""
         x_pool, y_pool, x_test, y_test = self.load()
         n_train, n_val = self.split_sizes(x_pool.size(0))
         train_idx, val_idx = split_indices(x_pool.size(0), (n_train, n_val), self.split_seed)
-        self.data_train = BatchTensorDataset(x_pool[train_idx], y_pool[train_idx])
-        self.data_val = BatchTensorDataset(x_pool[val_idx], y_pool[val_idx])
-        self.data_test = BatchTensorDataset(x_test, y_test)
+        return (x_pool[train_idx], y_pool[train_idx]), (x_pool[val_idx], y_pool[val_idx]), (x_test, y_test)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data_train is not None:
+            return
+        train, val, test = self.splits()
+        self.data_train, self.data_val, self.data_test = (BatchTensorDataset(*s) for s in (train, val, test))
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         if device.type != "cpu":  # the whole dataset lives on the accelerator, moved once
             for ds in (self.data_train, self.data_val, self.data_test):
@@ -256,6 +271,13 @@ class TensorDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        """Augment training batches (only those) on their device."""
+        if self.augment is not None and self.trainer is not None and self.trainer.training:
+            x, y = batch
+            batch = (self.augment(x), y)
+        return batch
 
 
 def _as_is(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:

@@ -32,7 +32,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.datasets import MNIST, FashionMNIST
 
 from mlplab.data.tensor import TensorDataModule, normalise
@@ -128,8 +128,9 @@ class TorchvisionIDXDataModule(TensorDataModule):
         eval_batch_size: int | None = None,
         mean: float = 0.0,
         std: float = 1.0,
+        augment: nn.Module | None = None,
     ) -> None:
-        super().__init__(batch_size, val_size, train_size, split_seed, eval_batch_size)
+        super().__init__(batch_size, val_size, train_size, split_seed, eval_batch_size, augment)
         self.data_dir = str(Path(os.path.expanduser(str(data_dir))))
         self.download = bool(download)
         self.mean, self.std = float(mean), float(std)

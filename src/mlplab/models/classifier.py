@@ -1,4 +1,4 @@
-"""One LightningModule that trains any net with cross-entropy and an optimizer from config."""
+"""One LightningModule that trains any net with a loss and an optimizer from config."""
 
 from __future__ import annotations
 
@@ -12,26 +12,29 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
 from mlplab.errors import DivergenceError
+from mlplab.models.losses import ClassificationLoss, CrossEntropy
 from mlplab.models.metrics import Accuracy, MeanLoss
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
 class Classifier(L.LightningModule):
-    """Cross-entropy classification of ``net``'s outputs.
+    """Classification of ``net``'s outputs with ``loss`` (cross-entropy by default).
 
     Metrics are torchmetrics objects, accumulated on the module's device each step and
     logged once per epoch (no host sync inside a step). Logged: ``train/loss``,
     ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_best``, ``test/loss``, ``test/acc``.
 
     Args:
-        net: any ``nn.Module`` mapping a batch of inputs to ``num_classes`` logits.
+        net: any ``nn.Module`` mapping a batch of inputs to ``num_classes`` outputs (or one, for 2 classes).
         num_classes: number of classes.
         optimizer: ``params -> Optimizer`` (Hydra ``_partial_: true`` config).
         scheduler: optional ``optimizer -> LRScheduler``, stepped once per epoch; one that takes
             ``total_steps`` (``OneCycleLR``) gets the run's step count and steps every batch.
         config: the run's resolved config, stored in every checkpoint so that ``eval.py``
             can rebuild data and net from the checkpoint alone.
+        loss: a :class:`~mlplab.models.losses.ClassificationLoss` (``CrossEntropy`` when None);
+            it also maps the net's outputs to class scores (``forward`` returns those).
     """
 
     def __init__(
@@ -41,14 +44,15 @@ class Classifier(L.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         config: dict | None = None,
+        loss: ClassificationLoss | None = None,
     ) -> None:
         super().__init__()
         # The config goes into checkpoints; loggers get a flat hparams view from train().
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"], logger=False)
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler", "loss"], logger=False)
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.criterion = nn.CrossEntropyLoss()
+        self.criterion = loss if loss is not None else CrossEntropy()
 
         # Lean per-step metrics: no input validation or NaN checks (each a host sync).
         self.train_acc, self.val_acc, self.test_acc = Accuracy(), Accuracy(), Accuracy()
@@ -63,12 +67,14 @@ class Classifier(L.LightningModule):
         self._epoch_lr = float("nan")
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        """Class scores (``num_classes`` columns; arg-max = the predicted class)."""
+        return self.criterion.scores(self.net(x))
 
     def _step(self, batch: tuple[Tensor, Tensor], loss_metric: MeanLoss, acc_metric: Accuracy) -> Tensor:
         x, y = batch
-        logits = self(x)
-        loss = self.criterion(logits, y)
+        outputs = self.net(x)
+        loss = self.criterion(outputs, y)
+        logits = self.criterion.scores(outputs)
         # Accumulated on the device; weighted by batch size, so the epoch value is the exact
         # mean over samples. Nothing is logged (and nothing synced) until the epoch ends.
         loss_metric.update(loss, y.numel())

@@ -6,12 +6,14 @@ flattens its input, so the same net trains on 8x8 digits and 28x28 MNIST.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from mlplab.errors import ConfigError
-from mlplab.validation import non_negative_number, positive_int
+from mlplab.validation import non_negative_number, positive_int, positive_number
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -58,9 +60,27 @@ class SigmoidNet(_LayerStack):
         )
 
 
+INITS = ("default", "glorot_uniform", "normal")
+OUTPUT_ACTIVATIONS = ("sigmoid",)
+
+
 class MLP(_LayerStack):
-    """A fully connected net of any depth and width: ``hidden_sizes``, an activation, and
-    optional dropout after every hidden layer."""
+    """A fully connected net of any depth and width.
+
+    Args:
+        hidden_sizes: widths of the hidden layers, e.g. ``[32, 16]`` or ``[5] * 50``.
+        activation: after every hidden layer: ``relu``, ``sigmoid``, ``tanh`` or ``identity``.
+        dropout: probability p of a ``Dropout`` after every hidden layer (0: none).
+        output_activation: ``None`` (outputs are logits) or ``"sigmoid"`` (outputs in (0, 1),
+            as SigmoidNet and the NumPy lessons' nets; pair it with ``loss=mse``).
+        single_output: one output unit instead of two for a 2-class problem (Lesson A's
+            2-2-1 XOR net); the loss maps it to class scores.
+        bias: whether the linear layers have biases (Lesson B's deep chain has none).
+        init: ``default`` (PyTorch's), ``glorot_uniform`` (sklearn's MLP: weights and biases
+            uniform in +-sqrt(f / (fan_in + fan_out)), f = 2 for sigmoid, 6 otherwise), or
+            ``normal`` (weights N(0, init_std^2), biases 0).
+        init_std: the standard deviation of ``init=normal``.
+    """
 
     def __init__(
         self,
@@ -69,6 +89,11 @@ class MLP(_LayerStack):
         hidden_sizes: Sequence[int] = (256, 128),
         activation: str = "relu",
         dropout: float = 0.0,
+        output_activation: str | None = None,
+        single_output: bool = False,
+        bias: bool = True,
+        init: str = "default",
+        init_std: float = 0.1,
     ) -> None:
         super().__init__()
         sizes = list(hidden_sizes) if isinstance(hidden_sizes, Sequence) and not isinstance(hidden_sizes, str) else None
@@ -82,11 +107,42 @@ class MLP(_LayerStack):
             raise ConfigError(
                 f"model.activation={activation!r} is invalid; allowed: {', '.join(sorted(ACTIVATIONS))}"
             )
+        if output_activation is not None and output_activation not in OUTPUT_ACTIVATIONS:
+            raise ConfigError(
+                f"model.output_activation={output_activation!r} is invalid; allowed: null, {', '.join(OUTPUT_ACTIVATIONS)}"
+            )
+        if single_output and num_classes != 2:
+            raise ConfigError(
+                f"model.single_output=true needs 2 classes, the data has {num_classes}; allowed: false for this data"
+            )
+        if init not in INITS:
+            raise ConfigError(f"model.init={init!r} is invalid; allowed: {', '.join(INITS)}")
+        init_std = positive_number("model.init_std", init_std)
         dropout = non_negative_number("model.dropout", dropout, below=1.0)
         layers: list[nn.Module] = [nn.Flatten()]
         for fan_in, fan_out in zip([input_dim, *sizes[:-1]], sizes):
-            layers += [nn.Linear(fan_in, fan_out), ACTIVATIONS[activation]()]
+            layers += [nn.Linear(fan_in, fan_out, bias=bias), ACTIVATIONS[activation]()]
             if dropout:
                 layers.append(nn.Dropout(dropout))
-        layers.append(nn.Linear(sizes[-1], num_classes))
+        layers.append(nn.Linear(sizes[-1], 1 if single_output else num_classes, bias=bias))
+        if output_activation is not None:
+            layers.append(ACTIVATIONS[output_activation]())
         self.layers = nn.Sequential(*layers)
+        if init != "default":
+            factor = 2.0 if activation == "sigmoid" else 6.0
+            for layer in self.layers:
+                if isinstance(layer, nn.Linear):
+                    _init_linear(layer, init, init_std, factor)
+
+
+@torch.no_grad()
+def _init_linear(layer: nn.Linear, init: str, std: float, glorot_factor: float) -> None:
+    if init == "normal":
+        nn.init.normal_(layer.weight, 0.0, std)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+    else:  # glorot_uniform, sklearn's MLP rule (sklearn/neural_network/_multilayer_perceptron.py, _init_coef)
+        bound = math.sqrt(glorot_factor / (layer.in_features + layer.out_features))
+        nn.init.uniform_(layer.weight, -bound, bound)
+        if layer.bias is not None:
+            nn.init.uniform_(layer.bias, -bound, bound)
