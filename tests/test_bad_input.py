@@ -92,7 +92,8 @@ BAD_VALUES = [
     (["model.hidden_sizes=[64,abc]"], ["model.hidden_sizes[1]='abc'", "positive integer"]),
     (["model.hidden_sizes=64"], ["model.hidden_sizes=64", "non-empty list"]),
     # a key the net or the data does not have (an unknown init, a loss option ...)
-    (["+model.init=xavier"], ["model.init='xavier'", "mlplab.models.MLP has no such option", "hidden_sizes, activation, dropout"]),
+    (["model=simple_net", "+model.init=xavier"], ["model.init='xavier'", "mlplab.models.SimpleNet has no such option", "allowed keys: hidden_size"]),
+    (["+optimizer.betas=[0.9,0.99]"], ["optimizer.betas=", "torch.optim.SGD has no such option", "momentum"]),
     (["+data.loss=focal"], ["data.loss='focal'", "allowed keys: batch_size"]),
     # hardware this machine does not have
     (["trainer.accelerator=tpu9"], ["trainer.accelerator='tpu9'", "cpu", "gpu"]),

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab.errors import CheckpointError, ConfigError
@@ -36,6 +38,17 @@ def validate_optimizer(cfg: DictConfig) -> None:
             f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {opt.get('momentum')}); "
             "allowed: set a momentum or nesterov=false"
         )
+    # The optimizer is a partial called when training starts: check its keys now.
+    try:
+        params = inspect.signature(get_class(opt._target_)).parameters
+    except Exception:
+        return
+    for key in opt:
+        if not str(key).startswith("_") and key not in params:
+            allowed = ", ".join(p for p in params if p not in ("self", "params"))
+            raise ConfigError(
+                f"optimizer.{key}={opt.get(key)!r} is invalid: {opt._target_} has no such option; allowed keys: {allowed}"
+            )
 
 
 def validate_trainer(cfg: DictConfig) -> None:

@@ -97,7 +97,7 @@ def build_net(model_cfg: DictConfig, dm: TensorDataModule) -> torch.nn.Module:
 def build_loss(cfg: DictConfig) -> ClassificationLoss:
     """The ``loss`` group's object (cross-entropy when the config has none, e.g. older checkpoints)."""
     node = cfg.get("loss")
-    loss = _instantiate_checked(node) if node else CrossEntropy()
+    loss = _instantiate_checked(node, "loss") if node else CrossEntropy()
     if not isinstance(loss, ClassificationLoss):
         raise ConfigError(f"loss._target_={node.get('_target_')} is not an mlplab loss; allowed: loss=cross_entropy|mse")
     return loss
