@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -111,3 +112,18 @@ def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for d in ("MNIST", "FashionMNIST"):
         shutil.copytree(SHARED_DATA / d / "raw", root / d / "raw")
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny matmuls gain nothing from intra-op threads; on a shared 2-core machine two
+    threads per process oversubscribe the cores and make training ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def linears(net: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The net's ``nn.Linear`` layers, input first."""
+    return [m for m in net.modules() if isinstance(m, torch.nn.Linear)]

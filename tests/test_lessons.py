@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from sklearn.datasets import make_moons
 from torch import nn
 
-from conftest import QUICK, compose_cfg
+from conftest import QUICK, compose_cfg, linears
 from mlplab.config import validate_train_config
 from mlplab.data import MoonsDataModule, XORDataModule
 from mlplab.errors import ConfigError
@@ -20,17 +20,7 @@ from mlplab.models import MLP, CrossEntropy, SquaredError
 from mlplab.training import build_datamodule, build_loss, build_net, train
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny matmuls gain nothing from threads; on a shared 2-core machine they oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _linears(net: nn.Module) -> list[nn.Linear]:
-    return [m for m in net.modules() if isinstance(m, nn.Linear)]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- data: xor, moons ----------------------------------------------------------------------------
@@ -92,8 +82,8 @@ def test_moons_bad_values(kwargs, message):
 def test_mlp_output_activation_single_output_and_bias():
     torch.manual_seed(0)
     net = MLP(2, 2, hidden_sizes=[2], activation="sigmoid", output_activation="sigmoid", single_output=True, bias=False)
-    assert [(m.in_features, m.out_features) for m in _linears(net)] == [(2, 2), (2, 1)]
-    assert all(m.bias is None for m in _linears(net))
+    assert [(m.in_features, m.out_features) for m in linears(net)] == [(2, 2), (2, 1)]
+    assert all(m.bias is None for m in linears(net))
     assert isinstance(net.layers[-1], nn.Sigmoid)
     out = net(torch.randn(16, 2) * 10)
     assert out.shape == (16, 1) and out.min() > 0 and out.max() < 1
@@ -104,7 +94,7 @@ def test_mlp_output_activation_single_output_and_bias():
 def test_glorot_uniform_is_sklearns_bound(activation, factor):
     torch.manual_seed(0)
     net = MLP(20, 10, hidden_sizes=[500, 100], activation=activation, init="glorot_uniform")
-    for lin in _linears(net):
+    for lin in linears(net):
         bound = math.sqrt(factor / (lin.in_features + lin.out_features))
         for p in (lin.weight, lin.bias):
             assert p.abs().max() <= bound
@@ -116,15 +106,15 @@ def test_glorot_uniform_is_sklearns_bound(activation, factor):
 def test_normal_init_and_default_init():
     torch.manual_seed(0)
     net = MLP(64, 10, hidden_sizes=[200, 200], init="normal", init_std=0.3)
-    for lin in _linears(net):
+    for lin in linears(net):
         assert lin.weight.std().item() == pytest.approx(0.3, rel=0.05)
         assert lin.weight.mean().abs().item() < 0.02
         assert torch.all(lin.bias == 0)
     # default: PyTorch's own init, weights within 1/sqrt(fan_in)
     torch.manual_seed(0)
     default = MLP(64, 10, hidden_sizes=[200])
-    assert _linears(default)[0].weight.abs().max() <= 1 / math.sqrt(64)
-    assert _linears(default)[0].bias.abs().max() > 0
+    assert linears(default)[0].weight.abs().max() <= 1 / math.sqrt(64)
+    assert linears(default)[0].bias.abs().max() > 0
 
 
 @pytest.mark.parametrize(
@@ -279,7 +269,7 @@ def test_lesson_presets_compose_and_build(tmp_path, preset):
     if isinstance(net, NumpyMLP):
         assert net.sizes == [64, 32, 16, 10] and cfg.data.batch_size == 1 and cfg.loss._target_.endswith("SquaredError")
     else:
-        assert [(m.in_features, m.out_features) for m in _linears(net)] == sizes
+        assert [(m.in_features, m.out_features) for m in linears(net)] == sizes
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         hydra_cfg = compose("train", overrides=[f"experiment={preset}"], return_hydra_config=True)
@@ -336,7 +326,7 @@ def test_vanishing_gradient_preset(tmp_path):
         net = build_net(cfg.model, dm)
         x, y = dm.data_train.tensors
         build_loss(cfg)(net(x), y).backward()
-        norms[activation] = [m.weight.grad.norm().item() for m in _linears(net)]
+        norms[activation] = [m.weight.grad.norm().item() for m in linears(net)]
     sigmoid, tanh, relu = norms["sigmoid"], norms["tanh"], norms["relu"]
     assert len(sigmoid) == 51
     assert sigmoid[-1] > 1e-3 and sigmoid[0] < 1e-12 * sigmoid[-1]  # vanishes with depth

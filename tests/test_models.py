@@ -7,24 +7,13 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from conftest import QUICK, compose_cfg, write_tiny_mnist
+from conftest import QUICK, compose_cfg, linears, write_tiny_mnist
 from mlplab.errors import ConfigError
 from mlplab.models import MLP, Classifier, SigmoidNet, SimpleNet
 from mlplab.training import train
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny matmuls gain nothing from intra-op threads; on a shared 2-core machine two
-    threads per process oversubscribe the cores and make training ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _linears(net: nn.Module) -> list[nn.Linear]:
-    return [m for m in net.modules() if isinstance(m, nn.Linear)]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _is_affine(net: nn.Module, input_dim: int) -> bool:
@@ -48,12 +37,12 @@ def test_output_shapes(input_shape, make):
     net = make(input_dim)
     out = net(torch.rand(7, *input_shape))
     assert out.shape == (7, 10)
-    assert _linears(net)[0].in_features == input_dim
+    assert linears(net)[0].in_features == input_dim
 
 
 def test_simple_net_is_two_linear_layers_and_affine():
     net = SimpleNet(64, 10, hidden_size=20)
-    lins = _linears(net)
+    lins = linears(net)
     assert [(lin.in_features, lin.out_features) for lin in lins] == [(64, 20), (20, 10)]
     assert not any(isinstance(m, (nn.ReLU, nn.Sigmoid, nn.Tanh)) for m in net.modules())
     assert _is_affine(net, 64)
@@ -64,7 +53,7 @@ def test_simple_net_is_two_linear_layers_and_affine():
 
 def test_sigmoid_net_outputs_in_unit_interval():
     net = SigmoidNet(784, 10, hidden_size=30)
-    assert [(lin.in_features, lin.out_features) for lin in _linears(net)] == [(784, 30), (30, 10)]
+    assert [(lin.in_features, lin.out_features) for lin in linears(net)] == [(784, 30), (30, 10)]
     torch.manual_seed(0)
     out = net(torch.randn(64, 1, 28, 28) * 10)
     assert out.min() > 0 and out.max() < 1
@@ -78,7 +67,7 @@ def test_sigmoid_net_outputs_in_unit_interval():
 def test_mlp_depth_width_activation(hidden_sizes, activation, act_cls):
     net = MLP(64, 10, hidden_sizes=hidden_sizes, activation=activation)
     dims = [64, *hidden_sizes, 10]
-    assert [(lin.in_features, lin.out_features) for lin in _linears(net)] == list(zip(dims[:-1], dims[1:]))
+    assert [(lin.in_features, lin.out_features) for lin in linears(net)] == list(zip(dims[:-1], dims[1:]))
     acts = [m for m in net.modules() if isinstance(m, act_cls)]
     assert len(acts) == len(hidden_sizes)
     # no activation after the output layer: logits
@@ -88,7 +77,7 @@ def test_mlp_depth_width_activation(hidden_sizes, activation, act_cls):
 def test_mlp_from_hydra_config_list():
     # Hydra passes hidden_sizes as a ListConfig
     net = instantiate({"_target_": "mlplab.models.MLP", "hidden_sizes": [12, 6]}, input_dim=64, num_classes=10)
-    assert [lin.out_features for lin in _linears(net)] == [12, 6, 10]
+    assert [lin.out_features for lin in linears(net)] == [12, 6, 10]
 
 
 @pytest.mark.parametrize(("hidden_sizes", "key"), [([], "model.hidden_sizes="), ([0], "model.hidden_sizes[0]=0"), ([-3], "model.hidden_sizes[0]=-3"), ([4, 0], "model.hidden_sizes[1]=0")])
