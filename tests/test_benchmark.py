@@ -6,9 +6,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+# Four engines in subprocesses (~35 s): slow, so the default suite stays under ~10 min; CI runs it.
+@pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_training.py"), "--smoke", "--out", str(tmp_path)],

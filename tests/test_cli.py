@@ -382,6 +382,8 @@ def test_same_seed_is_bit_identical_and_train_returns_the_optimized_metric(tmp_p
 
 
 # -- g. DDP on the CPU ----------------------------------------------------------------------
+# Slow (~35 s): tests/test_ddp.py's sweep of DDP jobs checks the same per-job layout in the default suite.
+@pytest.mark.slow
 def test_ddp_cpu_writes_one_run_dir(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
     run_dir = tmp_path / "ddp"

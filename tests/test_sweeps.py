@@ -196,6 +196,7 @@ def test_joblib_sweep_runs_jobs_in_parallel_into_one_sweep_dir_and_survives_a_fa
     assert f"(dir `{ok['job']}`)" in (sweep / "summary.md").read_text()
 
 
+@pytest.mark.slow  # a CLI sweep (~20-40 s): slow keeps the default suite near 10 min; CI runs it
 def test_fail_fast_stops_the_sweep_at_the_first_failure(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
     proc = run_cli("train", ["-m", "fail_fast=true", "optimizer.lr=-1,0.05", *CLI_QUICK, f"paths.log_dir={log_dir}"],
@@ -213,6 +214,7 @@ def test_fail_fast_stops_the_sweep_at_the_first_failure(tmp_path: Path) -> None:
     assert [r["status"] for r in _csv_rows(sweep)] == ["failed"]
 
 
+@pytest.mark.slow  # a CLI sweep (~20-40 s): slow keeps the default suite near 10 min; CI runs it
 def test_optuna_search_on_digits(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
     proc = run_cli("train", ["hparams_search=digits_optuna", "hydra.sweeper.n_trials=3", *CLI_QUICK,
