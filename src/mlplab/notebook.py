@@ -118,8 +118,10 @@ def texts(run_dir: str | os.PathLike) -> dict[str, str]:
 
 def sweep_jobs(sweep_dir: str | os.PathLike) -> list[dict]:
     """The run record (``run.json``) of every job of a multirun, in job order, with ``job_dir`` added."""
+    from mlplab.sweeps import find_job_dirs  # job dirs are <number>_<overrides>
+
     jobs = []
-    for job_dir in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+    for job_dir in find_job_dirs(Path(sweep_dir)):
         record = runs.read_run_record(job_dir)
         if record is not None:
             jobs.append({**record, "job_dir": job_dir})
