@@ -72,3 +72,18 @@ def resolve_size(value: int | float, n: int) -> int:
     if isinstance(value, float):
         return max(1, round(value * n))
     return value
+
+
+def held_out_count(test_size: Any, n: int, unit: str) -> tuple[int | float, int]:
+    """``data.test_size`` checked against ``n`` items: (the size as given, the test count).
+
+    The test set must leave at least 2 of the ``n`` ``unit`` for train+val.
+    """
+    size = size_or_fraction("data.test_size", test_size)
+    n_test = resolve_size(size, n)
+    if n_test >= n - 1:
+        raise ConfigError(
+            f"data.test_size={test_size} leaves {n - n_test} of {n} {unit} for train+val; "
+            f"allowed: a count <= {n - 2} or a fraction that leaves at least 2"
+        )
+    return size, n_test

@@ -7,8 +7,7 @@ from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 from mlplab.data.tensor import TensorDataModule, normalise, split_indices
-from mlplab.errors import ConfigError
-from mlplab.validation import resolve_size, size_or_fraction
+from mlplab.validation import held_out_count
 
 N_DIGITS = 1797
 
@@ -35,15 +34,8 @@ class DigitsDataModule(TensorDataModule):
         std: float = 1.0,
         augment: nn.Module | None = None,
     ) -> None:
-        self.test_size = size_or_fraction("data.test_size", test_size)
-        n_test = resolve_size(self.test_size, N_DIGITS)
-        if n_test >= N_DIGITS - 1:
-            raise ConfigError(
-                f"data.test_size={test_size} leaves {N_DIGITS - n_test} of {N_DIGITS} images for train+val; "
-                f"allowed: a count <= {N_DIGITS - 2} or a fraction that leaves at least 2"
-            )
-        self.n_test = n_test
-        self.expected_pool_size = N_DIGITS - n_test
+        self.test_size, self.n_test = held_out_count(test_size, N_DIGITS, "images")
+        self.expected_pool_size = N_DIGITS - self.n_test
         self.mean, self.std = float(mean), float(std)
         super().__init__(batch_size, val_size, train_size, split_seed, eval_batch_size, augment)
 

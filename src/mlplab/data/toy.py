@@ -11,8 +11,7 @@ from sklearn.datasets import make_moons
 from torch import Tensor
 
 from mlplab.data.tensor import TensorDataModule, split_indices
-from mlplab.errors import ConfigError
-from mlplab.validation import int_in, non_negative_number, positive_int, resolve_size, size_or_fraction
+from mlplab.validation import int_in, non_negative_number, positive_int, held_out_count
 
 XOR_X = ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0))
 XOR_Y = (0, 1, 1, 0)
@@ -69,13 +68,7 @@ class MoonsDataModule(TensorDataModule):
         self.n_samples = positive_int("data.n_samples", n_samples)
         self.noise = non_negative_number("data.noise", noise)
         self.random_state = int_in("data.random_state", random_state, low=0)
-        self.test_size = size_or_fraction("data.test_size", test_size)
-        self.n_test = resolve_size(self.test_size, self.n_samples)
-        if self.n_test >= self.n_samples - 1:
-            raise ConfigError(
-                f"data.test_size={test_size} leaves {self.n_samples - self.n_test} of {self.n_samples} points for "
-                f"train+val; allowed: a count <= {self.n_samples - 2} or a fraction that leaves at least 2"
-            )
+        self.test_size, self.n_test = held_out_count(test_size, self.n_samples, "points")
         self.expected_pool_size = self.n_samples - self.n_test
         super().__init__(batch_size, val_size, train_size, split_seed, eval_batch_size, augment)
 
