@@ -192,41 +192,45 @@ def test_every_model_trains_on_every_dataset(tmp_path, model, data):
     assert "val/acc" in metrics_csv and "test/acc" in metrics_csv
 
 
-def test_lean_accuracy_equals_torchmetrics():
+def test_epoch_accuracy_equals_torchmetrics():
     from torchmetrics.classification import MulticlassAccuracy
 
-    from mlplab.models.metrics import Accuracy
+    from mlplab.models.metrics import EpochStats
 
     torch.manual_seed(0)
-    ours, reference = Accuracy(), MulticlassAccuracy(10, average="micro")
+    ours, reference = EpochStats(), MulticlassAccuracy(10, average="micro")
     for n in (64, 64, 17):  # uneven last batch
         logits, target = torch.randn(n, 10), torch.randint(0, 10, (n,))
-        ours.update(logits, target)
+        ours.update(torch.tensor(0.5), logits, target)
         reference.update(logits, target)
-    assert ours.compute().item() == pytest.approx(reference.compute().item(), abs=1e-7)
+    assert ours.compute()[1].item() == pytest.approx(reference.compute().item(), abs=1e-7)
     assert ours.total.item() == 145
     ours.reset()
     assert ours.correct.item() == 0 and ours.total.item() == 0
 
 
-def test_mean_loss_is_the_per_sample_mean():
+def test_epoch_loss_is_the_per_sample_mean():
     from torchmetrics import MeanMetric
 
-    from mlplab.models.metrics import MeanLoss
+    from mlplab.models.metrics import EpochStats
 
     losses = torch.rand(145, dtype=torch.float64)
-    ours, reference = MeanLoss(), MeanMetric()
+    logits, target = torch.randn(145, 10), torch.randint(0, 10, (145,))
+    ours, reference = EpochStats(), MeanMetric()
     for start, stop in ((0, 64), (64, 128), (128, 145)):  # uneven last batch
         batch = losses[start:stop].float()
-        ours.update(batch.mean(), stop - start)
+        ours.update(batch.mean(), logits[start:stop], target[start:stop])
         reference.update(batch.mean(), weight=stop - start)
-    assert ours.compute().item() == pytest.approx(losses.mean().item(), rel=1e-6)
-    assert ours.compute().item() == pytest.approx(reference.compute().item(), rel=1e-6)
-    # any batching gives the same value (so 1 process and 2 DDP ranks agree)
-    other = MeanLoss()
+    assert ours.compute()[0].item() == pytest.approx(losses.mean().item(), rel=1e-6)
+    assert ours.compute()[0].item() == pytest.approx(reference.compute().item(), rel=1e-6)
+    # any batching gives the same values (so 1 process and 2 DDP ranks agree)
+    other = EpochStats()
     for start, stop in ((0, 100), (100, 145)):
-        other.update(losses[start:stop].float().mean(), stop - start)
-    assert other.compute().item() == pytest.approx(ours.compute().item(), rel=1e-6)
-    assert ours.count.item() == 145
-    ours.reset()
-    assert ours.count.item() == 0 and ours.weighted_sum.item() == 0
+        other.update(losses[start:stop].float().mean(), logits[start:stop], target[start:stop])
+    assert other.compute()[0].item() == pytest.approx(ours.compute()[0].item(), rel=1e-6)
+    assert other.compute()[1].item() == ours.compute()[1].item()
+    # a non-finite loss in any step stays visible in the sum (the divergence guard reads it)
+    other.update(torch.tensor(float("nan")), logits[:3], target[:3])
+    assert not other.loss_sum.isfinite()
+    other.reset()
+    assert other.total.item() == 0 and other.loss_sum.item() == 0

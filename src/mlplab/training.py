@@ -36,6 +36,7 @@ from mlplab.config import (
 from mlplab.data import TensorDataModule
 from mlplab.errors import CheckpointError, ConfigError, MlplabError, RunInterrupted
 from mlplab.hparams import flat_hparams, log_hparams
+from mlplab.lean import NullProfiler, trim_dispatch
 from mlplab.models import ClassificationLoss, Classifier, CrossEntropy
 from mlplab.numpy_net import NumpyMLP
 from mlplab.runs import mark_training_started
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+# Classifier.transfer_batch_to_device passes batches already on the device straight through.
+warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device` in `LightningModule`.*")
 
 
 def _instantiate_group(group: DictConfig | None, name: str = "") -> list[Any]:
@@ -162,8 +165,9 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     callbacks: list[Callback] = [*_instantiate_group(cfg.get("callbacks"), "callbacks"), RNGState(), stop]
     loggers: list[Logger] = _instantiate_group(cfg.get("logger"), "logger")
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **_profiler(cfg)
     )
+    trim_dispatch(trainer, model)
     if not cfg.get("resume"):  # a resumed run already has its HPARAMS entry
         log_hparams(loggers, flat_hparams(cfg))
 
@@ -187,6 +191,11 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 
     _report(metrics, cfg)
     return metrics
+
+
+def _profiler(cfg: DictConfig) -> dict[str, Any]:
+    """No ``trainer.profiler`` configured: the free :class:`~mlplab.lean.NullProfiler`."""
+    return {} if cfg.trainer.get("profiler") else {"profiler": NullProfiler()}
 
 
 def _interrupted(cfg: DictConfig, trainer: L.Trainer, signal_name: str) -> RunInterrupted:
@@ -269,7 +278,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = Classifier.load_from_checkpoint(ckpt_path, map_location="cpu", net=net, loss=build_loss(stored), weights_only=True)
 
     loggers = _instantiate_group(cfg.get("logger"), "logger")
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks"), "callbacks"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks"), "callbacks"), **_profiler(cfg)
+    )
+    trim_dispatch(trainer, model)
     log_hparams(loggers, flat_hparams(stored), metrics=("test/acc", "test/loss"))
     trainer.test(model, datamodule=dm, verbose=False)
     metrics = _as_floats(trainer.callback_metrics)

@@ -13,7 +13,7 @@ from torchmetrics import MaxMetric
 
 from mlplab.errors import DivergenceError
 from mlplab.models.losses import ClassificationLoss, CrossEntropy
-from mlplab.models.metrics import Accuracy, MeanLoss
+from mlplab.models.metrics import EpochStats
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -54,31 +54,46 @@ class Classifier(L.LightningModule):
         self.scheduler_factory = scheduler
         self.criterion = loss if loss is not None else CrossEntropy()
 
-        # Lean per-step metrics: no input validation or NaN checks (each a host sync).
-        self.train_acc, self.val_acc, self.test_acc = Accuracy(), Accuracy(), Accuracy()
-        self.train_loss, self.val_loss, self.test_loss = MeanLoss(), MeanLoss(), MeanLoss()
+        # Lean per-step metrics (loss and accuracy in one update): no input validation or
+        # NaN checks (each a host sync).
+        self.train_stats, self.val_stats, self.test_stats = EpochStats(), EpochStats(), EpochStats()
         # The best validation accuracy so far is part of the training state: it goes into
         # checkpoints, so a resumed run continues from it.
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)
-        # Global step of the first non-finite training loss (-1: none), kept on the device
-        # and read once per epoch (see check_finite), never inside a step.
-        self.register_buffer("first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        # The training losses since the last check (detached, on the device) and their global
+        # steps, read by check_finite (before each validation and checkpoint), never in a step.
+        self._losses: list[Tensor] = []
+        self._loss_steps: list[int] = []
         self._epoch_lr = float("nan")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning records the running hook's name here around every hook call (~20 times
+        # a step); nn.Module.__setattr__ would first search parameters, buffers and
+        # submodules for the name each time.
+        if name == "_current_fx_name":
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, x: Tensor) -> Tensor:
         """Class scores (``num_classes`` columns; arg-max = the predicted class)."""
         return self.criterion.scores(self.net(x))
 
-    def _step(self, batch: tuple[Tensor, Tensor], loss_metric: MeanLoss, acc_metric: Accuracy) -> Tensor:
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # The DataModules keep every split on this device already (moved once, in setup):
+        # skip Lightning's generic walk over the batch.
+        if isinstance(batch, (tuple, list)) and all(isinstance(t, Tensor) and t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def _step(self, batch: tuple[Tensor, Tensor], stats: EpochStats) -> Tensor:
         x, y = batch
         outputs = self.net(x)
         loss = self.criterion(outputs, y)
-        logits = self.criterion.scores(outputs)
         # Accumulated on the device; weighted by batch size, so the epoch value is the exact
         # mean over samples. Nothing is logged (and nothing synced) until the epoch ends.
-        loss_metric.update(loss, y.numel())
-        acc_metric.update(logits.detach(), y)
+        stats.update(loss, self.criterion.scores(outputs), y)
         return loss
 
     def check_finite(self) -> None:
@@ -89,11 +104,14 @@ class Classifier(L.LightningModule):
         Under DDP every rank learns whether any rank diverged.
         """
         params_finite = torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all()
-        local_bad = bool(self.first_bad_step.ge(0) | params_finite.logical_not())
+        losses = torch.cat([t.reshape(-1) for t in self._losses]) if self._losses else params_finite.new_zeros(0)
+        losses_bad = losses.isfinite().logical_not()
+        local_bad = bool(losses_bad.any() | params_finite.logical_not())
         if not self.trainer.strategy.reduce_boolean_decision(local_bad, all=False):
+            self._losses, self._loss_steps = [], []
             return
-        step = int(self.first_bad_step)
-        where = f"loss at step {step}" if step >= 0 else f"weights by step {self.global_step}"
+        first = losses_bad.nonzero()
+        where = f"loss at step {self._loss_steps[int(first[0])]}" if len(first) else f"weights by step {self.global_step}"
         raise DivergenceError(
             f"training diverged: non-finite {where} (epoch {self.current_epoch}, lr {self._epoch_lr:.6g} "
             "at the epoch's start); "
@@ -101,22 +119,24 @@ class Classifier(L.LightningModule):
             "trainer.gradient_clip_val)"
         )
 
-    def _log_epoch(self, stage: str, loss_metric: MeanLoss, acc_metric: Accuracy) -> Tensor:
+    def _log_epoch(self, stage: str, stats: EpochStats) -> Tensor:
         """Log ``<stage>/loss`` and ``<stage>/acc`` (computed across ranks), reset, return the accuracy."""
-        loss, acc = loss_metric.compute(), acc_metric.compute()
-        loss_metric.reset()
-        acc_metric.reset()
+        loss, acc = stats.compute()
+        stats.reset()
         self.log_dict({f"{stage}/loss": loss, f"{stage}/acc": acc}, prog_bar=stage != "test", sync_dist=True)
         return acc
 
     def on_train_epoch_start(self) -> None:
         # For the divergence message (an epoch scheduler has stepped by the time it is checked).
         self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else float("nan")
+        if len(self._losses) > 1:  # no check since the last epoch (no validation): keep one tensor
+            self._losses = [torch.cat([t.reshape(-1) for t in self._losses])]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._step(batch, self.train_loss, self.train_acc)
-        # Remember the first step with a non-finite loss (a few device ops, no sync).
-        self.first_bad_step.masked_fill_(self.first_bad_step.lt(0) & loss.detach().isfinite().logical_not(), self.global_step)
+        loss = self._step(batch, self.train_stats)
+        # For the divergence guard: no device op but a detach, no sync.
+        self._losses.append(loss.detach())
+        self._loss_steps.append(self.global_step)
         return loss
 
     def on_validation_start(self) -> None:
@@ -128,23 +148,23 @@ class Classifier(L.LightningModule):
             self.check_finite()
 
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train", self.train_loss, self.train_acc)
+        self._log_epoch("train", self.train_stats)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, self.val_loss, self.val_acc)
+        self._step(batch, self.val_stats)
 
     def on_validation_epoch_end(self) -> None:
-        acc = self._log_epoch("val", self.val_loss, self.val_acc)
+        acc = self._log_epoch("val", self.val_stats)
         # The sanity check's validation batches do not count towards the best accuracy.
         if not self.trainer.sanity_checking:
             self.val_acc_best(acc)
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, self.test_loss, self.test_acc)
+        self._step(batch, self.test_stats)
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch("test", self.test_loss, self.test_acc)
+        self._log_epoch("test", self.test_stats)
 
     def predict_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         return self(batch[0]).argmax(dim=1)
@@ -159,6 +179,11 @@ class Classifier(L.LightningModule):
             self.scheduler_factory, optimizer, total_steps=lambda: int(self.trainer.estimated_stepping_batches)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+# Lightning reads training_step's signature on every step (inspect.getfullargspec, to learn
+# whether it takes batch_idx); a precomputed __signature__ makes that lookup a third as dear.
+Classifier.training_step.__signature__ = inspect.signature(Classifier.training_step)  # type: ignore[attr-defined]
 
 
 def build_scheduler(
