@@ -71,8 +71,8 @@ def test_real_data_accuracy_targets(tmp_path: Path, real_data_dir: Path, data: s
 
 
 @pytest.mark.slow
-# fashion_fast's goal is 0.90; it reaches 0.896 so far (README), and this guards that.
-@pytest.mark.parametrize(("preset", "target"), [("mnist_fast", 0.985), ("fashion_fast", 0.89)])
+# The presets' goals (README, "Speed"): fashion_fast reaches 0.904 with its seed.
+@pytest.mark.parametrize(("preset", "target"), [("mnist_fast", 0.985), ("fashion_fast", 0.90)])
 def test_time_to_accuracy_presets(real_data_dir, tmp_path, preset, target):
     """The speed presets reach their stated test accuracy (their wall time is in the README)."""
     assert _test_acc(tmp_path, f"experiment={preset}", "trainer=cpu", f"data.data_dir={real_data_dir}") >= target

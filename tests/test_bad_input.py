@@ -95,6 +95,8 @@ BAD_VALUES = [
     (["model=simple_net", "+model.init=xavier"], ["model.init='xavier'", "mlplab.models.SimpleNet has no such option", "allowed keys: hidden_size"]),
     (["+optimizer.betas=[0.9,0.99]"], ["optimizer.betas=", "torch.optim.SGD has no such option", "momentum"]),
     (["+data.loss=focal"], ["data.loss='focal'", "allowed keys: batch_size"]),
+    (["loss.label_smoothing=1.0"], ["loss.label_smoothing=1.0 is invalid", "[0, 1)"]),
+    (["loss.label_smoothing=-0.1"], ["loss.label_smoothing=-0.1 is invalid", "[0, 1)"]),
     # hardware this machine does not have
     (["trainer.accelerator=tpu9"], ["trainer.accelerator='tpu9'", "cpu", "gpu"]),
     ([f"trainer.devices={os.cpu_count() + 1}"], [f"trainer.devices={os.cpu_count() + 1} but this machine has {os.cpu_count()} CPU cores"]),

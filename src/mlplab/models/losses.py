@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mlplab.errors import ConfigError
+
 
 class ClassificationLoss(nn.Module):
     """``loss(outputs, labels)`` plus ``scores(outputs)`` (arg-max = predicted class)."""
@@ -25,7 +27,15 @@ class CrossEntropy(ClassificationLoss):
 
     One output unit is the logit of class 1: scores ``[0, o]``, whose softmax is
     ``[1 - sigmoid(o), sigmoid(o)]`` -- the same loss as binary cross-entropy with logits.
+    ``label_smoothing`` in [0, 1) mixes the one-hot target with the uniform distribution
+    (``torch.nn.functional.cross_entropy``'s option; 0 = the plain loss).
     """
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing < 1:
+            raise ConfigError(f"loss.label_smoothing={label_smoothing!r} is invalid; allowed: a number in [0, 1)")
+        self.label_smoothing = float(label_smoothing)
 
     def scores(self, outputs: Tensor) -> Tensor:
         if outputs.size(1) == 1:
@@ -33,7 +43,7 @@ class CrossEntropy(ClassificationLoss):
         return outputs
 
     def forward(self, outputs: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(self.scores(outputs), labels)
+        return F.cross_entropy(self.scores(outputs), labels, label_smoothing=self.label_smoothing)
 
 
 class SquaredError(ClassificationLoss):
