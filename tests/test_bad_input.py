@@ -96,6 +96,7 @@ BAD_VALUES = [
     (["+optimizer.betas=[0.9,0.99]"], ["optimizer.betas=", "torch.optim.SGD has no such option", "momentum"]),
     (["+data.loss=focal"], ["data.loss='focal'", "allowed keys: batch_size"]),
     (["loss.label_smoothing=1.0"], ["loss.label_smoothing=1.0 is invalid", "[0, 1)"]),
+    (["steps_per_call=0"], ["steps_per_call=0 is invalid", "positive integer"]),
     (["loss.label_smoothing=-0.1"], ["loss.label_smoothing=-0.1 is invalid", "[0, 1)"]),
     # hardware this machine does not have
     (["trainer.accelerator=tpu9"], ["trainer.accelerator='tpu9'", "cpu", "gpu"]),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from functools import partial
 
+import pytest
+
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
@@ -91,3 +93,55 @@ def test_hook_name_bookkeeping_stays_a_plain_attribute():
     assert model.__dict__["_current_fx_name"] == "training_step"
     model.extra = torch.nn.Linear(2, 2)  # any other name still goes through nn.Module
     assert "extra" in dict(model.named_children())
+
+
+# -- fused steps: steps_per_call optimizer steps per training_step call --------------------------
+
+
+def _fit_record(tmp_path, steps_per_call: int, *overrides: str):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / f"k{steps_per_call}"
+    cfg = compose_cfg([*QUICK, "data=digits", "data.batch_size=16", f"steps_per_call={steps_per_call}", *overrides], out)
+    metrics = training.fit(cfg)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    events = EventAccumulator(str(next(out.rglob("events.out.tfevents*")).parent))
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return metrics, ckpt, scalars
+
+
+@pytest.mark.parametrize("overrides", [["trainer.max_epochs=2"], ["scheduler=onecycle", "trainer.max_epochs=2"],
+                                       ["scheduler=onecycle", "+trainer.max_steps=100", "model.dropout=0.2"]],
+                         ids=["cosine per epoch", "onecycle per step", "max_steps mid-epoch, dropout"])
+def test_fused_steps_train_exactly_as_one_step_per_call(tmp_path, overrides):
+    """The same minibatches, steps, schedule, RNG draws: the same weights, metrics and log steps."""
+    plain_metrics, plain, plain_tb = _fit_record(tmp_path, 1, *overrides)
+    fused_metrics, fused, fused_tb = _fit_record(tmp_path, 16, *overrides)
+    assert fused["global_step"] == plain["global_step"] > 16
+    assert fused["state_dict"].keys() == plain["state_dict"].keys()
+    for key, value in plain["state_dict"].items():
+        assert torch.equal(fused["state_dict"][key], value), key
+    assert fused["lr_schedulers"] == plain["lr_schedulers"]
+    assert fused_metrics == plain_metrics
+    assert fused_tb.keys() == plain_tb.keys()
+    for tag in ("train/loss", "val/acc", "grad_norm/layer_01"):
+        assert fused_tb[tag] == plain_tb[tag], tag  # same values at the same (optimizer) steps
+
+
+@pytest.mark.parametrize(("override", "reason"), [("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val"),
+                                                  ("+trainer.limit_train_batches=5", "trainer.limit_train_batches"),
+                                                  ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches")])
+def test_fused_steps_fall_back_to_lightnings_loop_where_they_would_change_the_run(tmp_path, caplog, override, reason):
+    seen = []
+    original = Classifier.fuse_steps
+
+    def spy(self, steps, batch_size):
+        seen.append(steps)
+        original(self, steps, batch_size)
+
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level("INFO", logger="mlplab.training"):
+        mp.setattr(Classifier, "fuse_steps", spy)
+        training.fit(compose_cfg([*QUICK, "data=digits", "test=false", "steps_per_call=8", override], tmp_path))
+    assert seen == [1]
+    assert f"steps_per_call=8 -> 1 (one optimizer step per training_step) because of {reason}" in caplog.text

@@ -40,6 +40,7 @@ from mlplab.lean import NullProfiler, trim_dispatch
 from mlplab.models import ClassificationLoss, Classifier, CrossEntropy
 from mlplab.numpy_net import NumpyMLP
 from mlplab.runs import mark_training_started
+from mlplab.validation import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,9 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **_profiler(cfg)
     )
     trim_dispatch(trainer, model)
+    steps_per_call = _steps_per_call(cfg, trainer)
+    model.fuse_steps(steps_per_call, dm.batch_size)
+    dm.steps_per_call = steps_per_call
     if not cfg.get("resume"):  # a resumed run already has its HPARAMS entry
         log_hparams(loggers, flat_hparams(cfg))
 
@@ -191,6 +195,37 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 
     _report(metrics, cfg)
     return metrics
+
+
+def _steps_per_call(cfg: DictConfig, trainer: L.Trainer) -> int:
+    """``cfg.steps_per_call``, or 1 where fused steps would change what the run does.
+
+    Fused steps need one process (DDP synchronises gradients once per forward of its
+    wrapped module), no gradient clipping or accumulation (Lightning's, automatic
+    optimization only), and whole epochs counted in minibatches (limit_train_batches,
+    val_check_interval count loop iterations).
+    """
+    steps = positive_int("steps_per_call", cfg.get("steps_per_call", 1))
+    if steps == 1:
+        return 1
+    reasons = {
+        "more than one process (DDP)": trainer.num_devices * trainer.num_nodes > 1,
+        "trainer.gradient_clip_val": bool(trainer.gradient_clip_val),
+        "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches != 1,
+        # (an int counts batches: limit_train_batches=1 is one batch, 1.0 all of them)
+        "trainer.limit_train_batches": not _all_batches(trainer.limit_train_batches),
+        "trainer.val_check_interval": not _all_batches(trainer.val_check_interval),
+        "trainer.overfit_batches": bool(trainer.overfit_batches),
+    }
+    blocking = [name for name, applies in reasons.items() if applies]
+    if blocking:
+        log.info("steps_per_call=%d -> 1 (one optimizer step per training_step) because of %s", steps, ", ".join(blocking))
+        return 1
+    return steps
+
+
+def _all_batches(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value == 1.0)
 
 
 def _profiler(cfg: DictConfig) -> dict[str, Any]:

@@ -190,6 +190,10 @@ class TensorDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         if self.expected_pool_size is not None:
             self.split_sizes(self.expected_pool_size)
+        #: Minibatches per training batch (set by mlplab.training for fused steps): a training
+        #: batch is then a block of up to ``steps_per_call * batch_size`` rows, the same
+        #: minibatches back to back, which ``Classifier.fuse_steps`` cuts apart again.
+        self.steps_per_call = 1
         self.data_train: BatchTensorDataset | None = None
         self.data_val: BatchTensorDataset | None = None
         self.data_test: BatchTensorDataset | None = None
@@ -261,7 +265,11 @@ class TensorDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=_as_is)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, self.batch_size, shuffle=True)
+        return self._loader(self.data_train, self.batch_size * self.steps_per_call, shuffle=True)
+
+    def train_steps_per_epoch(self) -> int:
+        """Minibatches of ``batch_size`` in one training epoch on this rank (call after setup)."""
+        return len(self._loader(self.data_train, self.batch_size, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.data_val, self.eval_batch_size, shuffle=False)
