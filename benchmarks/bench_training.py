@@ -1,7 +1,7 @@
 """Seconds per MNIST epoch: mlplab against a bare PyTorch loop, a per-sample torchvision
 pipeline and the ignite engine, on the same machine, data and nets.
 
-    python benchmarks/bench_training.py                      # full run (~10 min on 2 CPU cores)
+    python benchmarks/bench_training.py                      # full run (~20 min on 2 CPU cores)
     python benchmarks/bench_training.py --accelerator gpu
     python benchmarks/bench_training.py --smoke              # tiny, seconds: keeps the script alive
 
@@ -13,7 +13,8 @@ Engines, each in its own subprocess (so peak RSS is its own):
   ignite       `engine=ignite`
 
 An epoch is one pass over the 55,000 training images plus validation on 5,000. Each case
-runs 1 warm-up epoch + N timed ones; the figure is the median of the timed epochs. Data:
+runs 1 warm-up epoch + N timed ones; its figure is the median of the timed epochs, and the
+best of ``--rounds`` runs (default 2, interleaved: each round runs every case once). Data:
 real MNIST when found (``$MLPLAB_DATA_DIR`` or ``../shared/data``), else synthetic of
 the same shape. Writes ``<out>/bench.json`` and ``<out>/bench.md``.
 """
@@ -204,6 +205,7 @@ def main() -> None:
     ap.add_argument("--pipeline-batch", type=int, default=128, help="batch size for the torchvision pipeline")
     ap.add_argument("--models", nargs="+", default=["simple_net", "relu_mlp"])
     ap.add_argument("--engines", nargs="+", default=["bare", "mlplab", "ignite", "torchvision"])
+    ap.add_argument("--rounds", type=int, default=2, help="run every case this many times, interleaved; keep the best")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic data, 2 epochs, 1 batch size")
     ap.add_argument("--val-size", type=int, default=5000, help=argparse.SUPPRESS)
@@ -219,33 +221,43 @@ def main() -> None:
         return
 
     if args.smoke:
-        args.epochs, args.batch_sizes, args.pipeline_batch, args.models = 2, [64], 64, ["simple_net"]
+        args.epochs, args.batch_sizes, args.pipeline_batch, args.models, args.rounds = 2, [64], 64, ["simple_net"], 1
         args.val_size = 100
     with tempfile.TemporaryDirectory(prefix="mlplab-bench-") as tmp:
         work = Path(tmp)
         data_dir, data_desc = prepare_data(work, args.smoke)
-        cases = []
+        # Cases of one (model, batch size) run back to back, so that their ratios see the
+        # same machine: on a shared VM speed drifts by tens of percent over minutes.
         extra = {args.pipeline_batch} if "torchvision" in args.engines else set()
+        cases = []
         for model in args.models:
-            for engine in args.engines:
-                if engine == "torchvision":
-                    sizes = [args.pipeline_batch]
-                else:  # bare and mlplab also at the pipeline's batch size, for its ratio
-                    sizes = sorted(set(args.batch_sizes) | (extra if engine in ("bare", "mlplab") else set()))
-                cases += [(engine, model, bs) for bs in sizes]
+            for bs in sorted(set(args.batch_sizes) | extra):
+                for engine in args.engines:
+                    if engine == "torchvision" and bs != args.pipeline_batch:
+                        continue
+                    if bs not in args.batch_sizes and engine not in ("bare", "mlplab", "torchvision"):
+                        continue  # bare and mlplab also at the pipeline's batch size, for its ratio
+                    cases.append((engine, model, bs))
+        runs: dict[tuple, list[dict]] = {case: [] for case in cases}
+        for rnd in range(args.rounds):
+            for engine, model, bs in cases:
+                cmd = [sys.executable, __file__, "--case", f"{engine},{model},{bs}", "--epochs", str(args.epochs),
+                       "--data-dir", str(data_dir), "--accelerator", args.accelerator, "--work", str(work / f"round{rnd}"),
+                       "--val-size", str(args.val_size)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                if proc.returncode != 0:
+                    sys.exit(f"case {engine},{model},{bs} failed:\n{proc.stderr[-3000:]}")
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
+                timed = res["epoch_seconds"][1:] or res["epoch_seconds"]
+                res["median_s"] = statistics.median(timed)
+                runs[(engine, model, bs)].append(res)
+                print(f"round {rnd + 1}: {engine:12s} {model:10s} batch {bs:4d}: {res['median_s']:7.3f} s/epoch  "
+                      f"peak RSS {res['peak_rss_mb']:6.0f} MB", flush=True)
         results = []
-        for engine, model, bs in cases:
-            cmd = [sys.executable, __file__, "--case", f"{engine},{model},{bs}", "--epochs", str(args.epochs),
-                   "--data-dir", str(data_dir), "--accelerator", args.accelerator, "--work", str(work),
-                   "--val-size", str(args.val_size)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if proc.returncode != 0:
-                sys.exit(f"case {engine},{model},{bs} failed:\n{proc.stderr[-3000:]}")
-            res = json.loads(proc.stdout.strip().splitlines()[-1])
-            timed = res["epoch_seconds"][1:] or res["epoch_seconds"]
-            res.update(engine=engine, model=model, batch_size=bs, median_s=statistics.median(timed))
-            results.append(res)
-            print(f"{engine:12s} {model:10s} batch {bs:4d}: {res['median_s']:7.3f} s/epoch  peak RSS {res['peak_rss_mb']:6.0f} MB", flush=True)
+        for (engine, model, bs), rs in runs.items():  # the best round: the machine at its least disturbed
+            results.append({"engine": engine, "model": model, "batch_size": bs,
+                            "median_s": min(r["median_s"] for r in rs), "round_medians_s": [r["median_s"] for r in rs],
+                            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "epoch_seconds": [r["epoch_seconds"] for r in rs]})
 
     import torch
 
@@ -261,7 +273,8 @@ def main() -> None:
 
 def render(results: list[dict], args, machine: str, data_desc: str) -> str:
     by = {(r["engine"], r["model"], r["batch_size"]): r for r in results}
-    lines = [f"Seconds per epoch (median of {args.epochs - 1} after 1 warm-up), {args.accelerator}; {machine}; data: {data_desc}.",
+    lines = [f"Seconds per epoch (median of {args.epochs - 1} after 1 warm-up; best of {args.rounds} interleaved runs), "
+             f"{args.accelerator}; {machine}; data: {data_desc}.",
              "", "| model | batch | bare | mlplab | ignite | torchvision per-sample | mlplab / bare | ignite / bare | per-sample / mlplab | mlplab peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for model in args.models:

@@ -32,7 +32,7 @@ def _options(group: str) -> set[str]:
 def test_groups_listed_here_are_all_the_groups_there_are():
     # If someone adds an option, the parametrised tests below must learn about it.
     assert _options("data") == {"digits", "mnist", "fashion_mnist", "xor", "moons"}
-    assert _options("augment") == {"none", "affine"}
+    assert _options("augment") == {"none", "affine", "hflip"}
     assert _options("model") == {"simple_net", "sigmoid_net", "relu_mlp", "relu_net", "numpy_mlp"}
     assert _options("loss") == {"cross_entropy", "mse"}
     assert _options("optimizer") == {"sgd", "adam"}
@@ -372,7 +372,7 @@ def test_every_train_config_resolves(tmp_path):
     # The full cross product is large; one config per option of every group, all resolved.
     for group, options in [
         ("data", ["digits", "mnist", "fashion_mnist", "xor", "moons"]),
-        ("augment", ["none", "affine"]),
+        ("augment", ["none", "affine", "hflip"]),
         ("model", ["simple_net", "sigmoid_net", "relu_mlp", "relu_net", "numpy_mlp"]),
         ("loss", ["cross_entropy", "mse"]),
         ("optimizer", ["sgd", "adam"]),

@@ -38,6 +38,9 @@ TRAIN_ARGS = [
     "trainer.enable_model_summary=false",
     "callbacks.progress_bar.refresh_rate=0",
     "model.dropout=0.2",
+    # fused steps, 4 a call: the signals below land in epoch 1 before step 50, where the
+    # gradient norms are logged (an interrupted epoch's logged points stay in TensorBoard)
+    "steps_per_call=4",
 ]
 
 
@@ -126,7 +129,7 @@ def _last_epoch(run_dir: Path) -> int:
 def test_sigterm_then_sigint_then_resume_is_bit_identical(tmp_path: Path, monkeypatch) -> None:
     """CLI run stopped by SIGTERM in epoch 1; resumed (in-process), stopped by Ctrl+C in epoch 1 again; resumed to the end."""
     # 1. SIGTERM in the middle of epoch 1: exit 143, one line, last.ckpt holds epoch 0.
-    log_dir, run_dir, proc = _start_cli_run(tmp_path, "SIGTERM:1:5")
+    log_dir, run_dir, proc = _start_cli_run(tmp_path, "SIGTERM:1:1")
     assert proc.returncode == 143, proc.stderr[-3000:]
     line = _last_line(proc.stderr)
     assert line.startswith("interrupted: stopped by SIGTERM in epoch 1"), line
@@ -141,7 +144,7 @@ def test_sigterm_then_sigint_then_resume_is_bit_identical(tmp_path: Path, monkey
     resume_cfg = lambda: compose_cfg([*stored, f"resume={run_dir}"], run_dir)  # noqa: E731
 
     # 2. Resumed, then Ctrl+C (SIGINT) later in the redone epoch 1.
-    monkeypatch.setenv("MLPLAB_TEST_SIGNAL", "SIGINT:1:7")
+    monkeypatch.setenv("MLPLAB_TEST_SIGNAL", "SIGINT:1:2")
     with pytest.raises(RunInterrupted) as info:
         train(resume_cfg())
     assert info.value.signal_name == "SIGINT" and "stopped by SIGINT in epoch 1" in str(info.value)
@@ -227,8 +230,13 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: P
     real_step = Classifier.training_step
 
     def poisoned(self, batch, batch_idx):
-        if (self.current_epoch, batch_idx) == (1, bad_batch):
-            batch = (batch[0] * float("inf"), batch[1])  # an infinite pixel: a non-finite loss
+        # Minibatch bad_batch of epoch 1 gets infinite pixels (a non-finite loss), wherever
+        # it is: a training batch holds steps_per_call minibatches of dm.batch_size.
+        if self.current_epoch == 1:
+            first = batch_idx * self.steps_per_call * dm.batch_size  # the batch's first position in the epoch
+            rows = torch.arange(first, first + len(batch[0])) // dm.batch_size == bad_batch
+            rows = rows.view(-1, *[1] * (batch[0].dim() - 1))
+            batch = (torch.where(rows, batch[0] * float("inf"), batch[0]), batch[1])
         return real_step(self, batch, batch_idx)
 
     monkeypatch.setattr(Classifier, "training_step", poisoned)
