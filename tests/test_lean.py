@@ -145,3 +145,15 @@ def test_fused_steps_fall_back_to_lightnings_loop_where_they_would_change_the_ru
         training.fit(compose_cfg([*QUICK, "data=digits", "test=false", "steps_per_call=8", override], tmp_path))
     assert seen == [1]
     assert f"steps_per_call=8 -> 1 (one optimizer step per training_step) because of {reason}" in caplog.text
+
+
+@pytest.mark.parametrize(("first", "then"), [(1, 16), (16, 1)])
+def test_a_checkpoint_continues_under_another_steps_per_call(tmp_path, first, then):
+    """ckpt_path= from a run with another steps_per_call: the step count carries over."""
+    common = [*QUICK, "data=digits", "logger=none", "test=false"]
+    training.fit(compose_cfg([*common, f"steps_per_call={first}"], tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    steps = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    training.fit(compose_cfg([*common, f"steps_per_call={then}", "trainer.max_epochs=2", f"ckpt_path={ckpt}"],
+                             tmp_path / "b"))
+    assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2 * steps

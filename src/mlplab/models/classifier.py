@@ -190,6 +190,19 @@ class Classifier(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.check_finite()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning counts optimizer steps (global_step) in one of two progress records,
+        # automatic or manual optimization. A checkpoint written with another steps_per_call
+        # (ckpt_path=) has its count in the other one: carry it over before the loops load it.
+        fit = checkpoint.get("loops", {}).get("fit_loop", {})
+        manual = fit.get("epoch_loop.manual_optimization.optim_step_progress")
+        automatic = fit.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
+        if manual is None or automatic is None:
+            return
+        source, target = (manual, automatic) if self.automatic_optimization else (automatic, manual)
+        if target["total"]["completed"] == 0 and source["total"]["completed"] > 0:
+            target["total"], target["current"] = dict(source["total"]), dict(source["current"])
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.trainer.state.fn == TrainerFn.FITTING:
             self.check_finite()
