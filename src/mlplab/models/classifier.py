@@ -109,7 +109,7 @@ class Classifier(L.LightningModule):
         Under DDP every rank learns whether any rank diverged.
         """
         params_finite = torch.stack([p.detach().isfinite().all() for p in self.parameters()]).all()
-        losses = torch.cat([t.reshape(-1) for t in self._losses]) if self._losses else params_finite.new_zeros(0)
+        losses = self._joined_losses() if self._losses else params_finite.new_zeros(0)
         losses_bad = losses.isfinite().logical_not()
         local_bad = bool(losses_bad.any() | params_finite.logical_not())
         if not self.trainer.strategy.reduce_boolean_decision(local_bad, all=False):
@@ -135,7 +135,7 @@ class Classifier(L.LightningModule):
         # For the divergence message (an epoch scheduler has stepped by the time it is checked).
         self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else float("nan")
         if len(self._losses) > 1:  # no check since the last epoch (no validation): keep one tensor
-            self._losses = [torch.cat([t.reshape(-1) for t in self._losses])]
+            self._losses = [self._joined_losses()]
 
     def fuse_steps(self, steps_per_call: int, batch_size: int) -> None:
         """Take ``steps_per_call`` optimizer steps per ``training_step`` call.
@@ -155,20 +155,25 @@ class Classifier(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         if self.steps_per_call > 1:
             return self._fused_training_step(batch)
-        loss = self._step(batch, self.train_stats)
-        # For the divergence guard: no device op but a detach, no sync.
-        self._losses.append(loss.detach())
+        return self._train_step(batch)
+
+    def _train_step(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """One minibatch's loss, with its metrics and, for the divergence guard, the loss
+        and its global step recorded (no device op but a detach, no sync)."""
         self._loss_steps.append(self.global_step)
+        loss = self._step(batch, self.train_stats)
+        self._losses.append(loss.detach())
         return loss
+
+    def _joined_losses(self) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in self._losses])
 
     def _fused_training_step(self, batch: tuple[Tensor, Tensor]) -> None:
         trainer = self.trainer
         optimizer = self.optimizers()
         first_step = self.global_step
         for x, y in zip(batch[0].split(self.micro_batch_size), batch[1].split(self.micro_batch_size)):
-            self._loss_steps.append(self.global_step)
-            loss = self._step((x, y), self.train_stats)
-            self._losses.append(loss.detach())
+            loss = self._train_step((x, y))
             optimizer.zero_grad()
             self.manual_backward(loss)
             optimizer.step()
