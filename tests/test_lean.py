@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
 from functools import partial
 
 import pytest
@@ -157,3 +160,41 @@ def test_a_checkpoint_continues_under_another_steps_per_call(tmp_path, first, th
     training.fit(compose_cfg([*common, f"steps_per_call={then}", "trainer.max_epochs=2", f"ckpt_path={ckpt}"],
                              tmp_path / "b"))
     assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2 * steps
+
+
+_BLOCK_FAULTS = """
+import resource, sys, torch
+from mlplab.lean import reuse_freed_memory
+if sys.argv[1] == "tuned":
+    assert reuse_freed_memory()
+torch.manual_seed(0)
+x, y = torch.rand(20000, 784), torch.randint(0, 10, (20000,))
+net = torch.nn.Linear(784, 10)
+opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+
+def blocks(n):  # fused training blocks at batch 512 on MNIST: 16 steps over 25 MB
+    for _ in range(n):
+        idx = torch.randperm(20000)[:8192]
+        xs, ys = x[idx], y[idx]
+        for xb, yb in zip(xs.split(512), ys.split(512)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(xb), yb).backward()
+            opt.step()
+
+blocks(3)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+blocks(20)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+def test_fused_blocks_reuse_freed_memory_instead_of_faulting_in_new_pages():
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _BLOCK_FAULTS, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    untuned, tuned = faults("default"), faults("tuned")
+    # 20 blocks of 25 MB: 125,000 pages if each were fresh; ~20,000 faults with glibc's defaults here
+    assert tuned < 1000, tuned
+    assert tuned * 10 < untuned, (tuned, untuned)

@@ -234,3 +234,20 @@ def test_epoch_loss_is_the_per_sample_mean():
     assert not other.loss_sum.isfinite()
     other.reset()
     assert other.total.item() == 0 and other.loss_sum.item() == 0
+
+
+def test_one_update_for_a_fused_block_equals_one_update_per_minibatch():
+    """Classifier's fused steps update once per block: the same sums, bit for bit."""
+    from mlplab.models.metrics import EpochStats
+
+    torch.manual_seed(0)
+    sizes = [64, 64, 64, 17]
+    losses = [torch.rand(()) for _ in sizes]
+    logits, target = torch.randn(sum(sizes), 10), torch.randint(0, 10, (sum(sizes),))
+    per_step, block = EpochStats(), EpochStats()
+    for loss, x, y in zip(losses, logits.split(64), target.split(64)):
+        per_step.update(loss, x, y)
+    block.update(losses, logits, target, sizes)
+    for state in ("loss_sum", "correct", "total"):
+        assert torch.equal(getattr(block, state), getattr(per_step, state)), state
+    assert block.total.item() == 209

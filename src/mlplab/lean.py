@@ -19,6 +19,9 @@ Lightning still honours this and that a run's results are the same.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import sys
 from typing import Any
 
 import lightning as L
@@ -89,3 +92,34 @@ def trim_dispatch(trainer: L.Trainer, module: L.LightningModule) -> None:
     # Called every step to clip gradients; without trainer.gradient_clip_val it clips nothing.
     if not trainer.gradient_clip_val and type(module).configure_gradient_clipping is L.LightningModule.configure_gradient_clipping:
         object.__setattr__(module, "configure_gradient_clipping", None)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_malloc_tuned: bool | None = None
+
+
+def reuse_freed_memory() -> bool:
+    """Let glibc's malloc reuse freed memory for large tensors instead of asking the OS.
+
+    glibc serves an allocation above a (dynamic) threshold with a fresh ``mmap`` and gives
+    it back on free; the heap's free top is trimmed back to the OS too. A fused training
+    block (``steps_per_call x batch_size`` rows: 25 MB at batch 512 on MNIST) was
+    therefore new memory every call: ~25,000 page faults an epoch, each page zeroed by the
+    kernel, ~10 % of an epoch at batch 512 here. With allocations up to 32 MiB (glibc's
+    largest threshold) kept on the heap and 256 MiB of free heap kept, the blocks reuse
+    the same pages. Peak memory is unchanged (freed memory is reused, not added to).
+    Process-wide and idempotent; returns whether it applied (False off glibc: macOS,
+    Windows, musl).
+    """
+    global _malloc_tuned
+    if _malloc_tuned is None:
+        _malloc_tuned = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                _malloc_tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(
+                    libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+                )
+            except (OSError, AttributeError):
+                pass
+    return _malloc_tuned

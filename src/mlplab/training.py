@@ -36,7 +36,7 @@ from mlplab.config import (
 from mlplab.data import TensorDataModule
 from mlplab.errors import CheckpointError, ConfigError, MlplabError, RunInterrupted
 from mlplab.hparams import flat_hparams, log_hparams
-from mlplab.lean import NullProfiler, trim_dispatch
+from mlplab.lean import NullProfiler, reuse_freed_memory, trim_dispatch
 from mlplab.models import ClassificationLoss, Classifier, CrossEntropy
 from mlplab.numpy_net import NumpyMLP
 from mlplab.runs import mark_training_started
@@ -128,6 +128,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     validate_train_config(cfg)
     validate_hardware(cfg)
     ckpt_path = resume_checkpoint(cfg)
+    reuse_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = build_datamodule(cfg.data)

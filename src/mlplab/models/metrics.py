@@ -15,6 +15,8 @@ per epoch and are summed across DDP ranks by torchmetrics; tests check it agains
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -36,12 +38,20 @@ class EpochStats(Metric):
         self.add_state("correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, batch_mean_loss: Tensor, scores: Tensor, target: Tensor) -> None:
+    def update(
+        self, batch_mean_loss: Tensor | Sequence[Tensor], scores: Tensor, target: Tensor, sizes: Sequence[int] = ()
+    ) -> None:
+        """One minibatch: its mean loss, class scores and targets. A fused block of
+        minibatches (one update for all of them): the minibatches' mean losses in order,
+        with their ``sizes``, and the block's scores and targets."""
         # Runs under no_grad (torchmetrics' update wrapper): no detach needed.
-        n = target.numel()
-        self.loss_sum.add_(batch_mean_loss, alpha=n)
+        if sizes:  # the same float additions, in the same order, as one update per minibatch
+            for loss, n in zip(batch_mean_loss, sizes):
+                self.loss_sum.add_(loss, alpha=n)
+        else:
+            self.loss_sum.add_(batch_mean_loss, alpha=target.numel())
         self.correct.add_(scores.argmax(dim=-1).eq(target).sum())
-        self.total.add_(n)
+        self.total.add_(target.numel())
 
     def compute(self) -> tuple[Tensor, Tensor]:
         return self.loss_sum / self.total, self.correct.float() / self.total
