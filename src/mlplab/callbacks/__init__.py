@@ -5,6 +5,7 @@ Every diagnostic writes images, histograms and text to the run's TensorBoard log
 Configured in ``conf/callbacks/`` (``default`` has them all, at cheap settings).
 """
 
+from mlplab.callbacks.checkpoint import ModelCheckpoint
 from mlplab.callbacks.decision_boundary import DecisionBoundary
 from mlplab.callbacks.gradients import GradientNorms
 from mlplab.callbacks.histograms import WeightHistograms
@@ -20,6 +21,7 @@ __all__ = [
     "EpochTimer",
     "GradientNorms",
     "MisclassifiedImages",
+    "ModelCheckpoint",
     "RNGState",
     "SampleInputs",
     "StopOnSignal",
