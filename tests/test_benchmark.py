@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -28,3 +29,12 @@ def test_benchmark_smoke(tmp_path):
         assert r["median_s"] == r["round_medians_s"][0] == epochs[1] and r["peak_rss_mb"] > 0
     table = (tmp_path / "bench.md").read_text()
     assert "| simple_net | 64 |" in table and "mlplab / bare" in table
+
+
+def test_the_benchmark_times_neither_the_warm_up_nor_the_last_epoch():
+    """The last epoch carries a run's end-of-training work (figures, histograms), not per-epoch cost."""
+    spec = importlib.util.spec_from_file_location("bench_training", REPO / "benchmarks" / "bench_training.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.timed_epochs([9.0, 1.0, 2.0, 3.0, 8.0]) == [1.0, 2.0, 3.0]
+    assert bench.timed_epochs([9.0, 1.0]) == [1.0]  # --smoke: 2 epochs
