@@ -1,7 +1,7 @@
 """Seconds per MNIST epoch: mlplab against a bare PyTorch loop, a per-sample torchvision
 pipeline and the ignite engine, on the same machine, data and nets.
 
-    python benchmarks/bench_training.py                      # full run (~25 min on 2 CPU cores)
+    python benchmarks/bench_training.py                      # full run (15-30 min on 2 CPU cores)
     python benchmarks/bench_training.py --accelerator gpu
     python benchmarks/bench_training.py --smoke              # tiny, seconds: keeps the script alive
 
