@@ -127,3 +127,24 @@ def one_torch_thread():
 def linears(net: torch.nn.Module) -> list[torch.nn.Linear]:
     """The net's ``nn.Linear`` layers, input first."""
     return [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_nested(a, b, where: str) -> None:
+    """Nested dicts/lists of tensors and plain values are equal, of the same types, tensors bit for bit."""
+    assert type(a) is type(b), (where, type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_nested(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_nested(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)

@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 
 from mlplab.callbacks import AtomicCheckpointIO, ModelCheckpoint
 
+from conftest import assert_same_nested, load_ckpt
+
 
 class Scripted(L.LightningModule):
     """A tiny regression whose monitored score per epoch is scripted."""
@@ -48,46 +50,26 @@ def _fit(dirpath: Path, callback_cls, scores: list[float], epochs: int) -> None:
     trainer.fit(Scripted(scores), loader, loader)
 
 
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _assert_same(a, b, where="checkpoint"):
-    assert type(a) is type(b), where
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
 def test_last_checkpoint_is_the_best_files_link_and_holds_what_lightning_writes(tmp_path):
     scores = [0.1, 0.3]  # the last epoch is the best: Lightning writes the same state twice
     _fit(tmp_path / "ckpt", LightningModelCheckpoint, scores, 2)
-    theirs = {name: _load(tmp_path / "ckpt" / name) for name in ("last.ckpt", "epoch_001.ckpt")}
+    theirs = {name: load_ckpt(tmp_path / "ckpt" / name) for name in ("last.ckpt", "epoch_001.ckpt")}
     shutil.rmtree(tmp_path / "ckpt")  # the same dirpath: the paths stored in the states agree
 
     _fit(tmp_path / "ckpt", ModelCheckpoint, scores, 2)
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["epoch_001.ckpt", "last.ckpt"]  # no .partial left
     for name, expected in theirs.items():
-        _assert_same(_load(tmp_path / "ckpt" / name), expected, name)
+        assert_same_nested(load_ckpt(tmp_path / "ckpt" / name), expected, name)
     assert os.path.samefile(tmp_path / "ckpt" / "last.ckpt", tmp_path / "ckpt" / "epoch_001.ckpt")
 
 
 def test_last_checkpoint_is_the_last_epoch_even_when_it_was_not_the_best(tmp_path):
     """Lightning 2.6 writes last.ckpt only with a top-k save: here it would stay at epoch 1."""
     _fit(tmp_path / "lightning", LightningModelCheckpoint, [0.1, 0.3, 0.2], 3)
-    assert _load(tmp_path / "lightning" / "last.ckpt")["epoch"] == 1  # what this class fixes
+    assert load_ckpt(tmp_path / "lightning" / "last.ckpt")["epoch"] == 1  # what this class fixes
 
     _fit(tmp_path / "ckpt", ModelCheckpoint, [0.1, 0.3, 0.2], 3)
-    last, best = _load(tmp_path / "ckpt" / "last.ckpt"), _load(tmp_path / "ckpt" / "epoch_001.ckpt")
+    last, best = load_ckpt(tmp_path / "ckpt" / "last.ckpt"), load_ckpt(tmp_path / "ckpt" / "epoch_001.ckpt")
     assert (last["epoch"], last["global_step"]) == (2, 12)
     assert (best["epoch"], best["global_step"]) == (1, 8)  # left alone by the later save
     assert not os.path.samefile(tmp_path / "ckpt" / "last.ckpt", tmp_path / "ckpt" / "epoch_001.ckpt")
@@ -102,4 +84,4 @@ def test_a_last_checkpoint_of_something_else_is_not_replaced_by_a_link(tmp_path)
     (tmp_path / "ckpt" / "last.ckpt").write_bytes(b"a user's file")
     _fit(tmp_path / "ckpt", ModelCheckpoint, [0.1, 0.3], 2)
     assert (tmp_path / "ckpt" / "last.ckpt").read_bytes() == b"a user's file"  # Lightning versions the name
-    assert _load(tmp_path / "ckpt" / "last-v1.ckpt")["epoch"] == 1
+    assert load_ckpt(tmp_path / "ckpt" / "last-v1.ckpt")["epoch"] == 1

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from sklearn.datasets import load_digits
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import QUICK, REPO, compose_cfg, run_cli
+from conftest import QUICK, REPO, assert_same_nested, compose_cfg, load_ckpt, run_cli
 import re
 
 from mlplab import runs
@@ -50,26 +50,6 @@ def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
 
 
-def _ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _assert_same_tensors(a, b, where: str) -> None:
-    """Nested dicts/lists of tensors and numbers are equal, tensors bit for bit."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_tensors(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
-
-
 def _last_line(stderr: str) -> str:
     return [line for line in stderr.splitlines() if line.strip()][-1]
 
@@ -82,17 +62,17 @@ def _reference(tmp_path: Path) -> Path:
 
 def _assert_same_as_reference(run_dir: Path, ref_dir: Path) -> None:
     """Weights, optimizer and schedule state, best checkpoint and every scalar, bit for bit."""
-    got, want = _ckpt(run_dir / "checkpoints" / "last.ckpt"), _ckpt(ref_dir / "checkpoints" / "last.ckpt")
+    got, want = load_ckpt(run_dir / "checkpoints" / "last.ckpt"), load_ckpt(ref_dir / "checkpoints" / "last.ckpt")
     assert want["epoch"] == EPOCHS - 1 and got["global_step"] == want["global_step"]
-    _assert_same_tensors(got["state_dict"], want["state_dict"], "state_dict")
-    _assert_same_tensors(got["optimizer_states"], want["optimizer_states"], "optimizer_states")
-    _assert_same_tensors(got["lr_schedulers"], want["lr_schedulers"], "lr_schedulers")
+    assert_same_nested(got["state_dict"], want["state_dict"], "state_dict")
+    assert_same_nested(got["optimizer_states"], want["optimizer_states"], "optimizer_states")
+    assert_same_nested(got["lr_schedulers"], want["lr_schedulers"], "lr_schedulers")
     # val/acc_best is part of the state, so the resumed run kept its best value.
     assert "val_acc_best.max_value" in got["state_dict"]
     [best] = (run_dir / "checkpoints").glob("epoch_*.ckpt")
     [ref_best] = (ref_dir / "checkpoints").glob("epoch_*.ckpt")
     assert best.name == ref_best.name
-    _assert_same_tensors(_ckpt(best)["state_dict"], _ckpt(ref_best)["state_dict"], "best")
+    assert_same_nested(load_ckpt(best)["state_dict"], load_ckpt(ref_best)["state_dict"], "best")
     # One TensorBoard run, continued: every scalar at every step equals the reference.
     scalars, ref_scalars = _scalars(run_dir / "tensorboard"), _scalars(ref_dir / "tensorboard")
     assert {"train/loss", "val/acc", "val/acc_best", "test/acc"} <= set(ref_scalars)
@@ -123,7 +103,7 @@ SEND_SIGNAL = "+callbacks.send_signal._target_=send_signal.SendSignal"
 
 
 def _last_epoch(run_dir: Path) -> int:
-    return _ckpt(run_dir / "checkpoints" / "last.ckpt")["epoch"]
+    return load_ckpt(run_dir / "checkpoints" / "last.ckpt")["epoch"]
 
 
 def test_sigterm_then_sigint_then_resume_is_bit_identical(tmp_path: Path, monkeypatch) -> None:
@@ -206,9 +186,9 @@ def test_resume_without_last_checkpoint_starts_over_in_the_same_dir(tmp_path: Pa
     resumed = train(compose_cfg([*args, f"resume={run_dir}"], run_dir))
     fresh = train(compose_cfg(args, tmp_path / "fresh"))
     assert resumed == fresh
-    _assert_same_tensors(
-        _ckpt(run_dir / "checkpoints" / "last.ckpt")["state_dict"],
-        _ckpt(tmp_path / "fresh" / "checkpoints" / "last.ckpt")["state_dict"],
+    assert_same_nested(
+        load_ckpt(run_dir / "checkpoints" / "last.ckpt")["state_dict"],
+        load_ckpt(tmp_path / "fresh" / "checkpoints" / "last.ckpt")["state_dict"],
         "state_dict",
     )
     # resume= names the run dir it runs in; anything else is refused before training.
@@ -247,10 +227,10 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: P
     msg = str(info.value)
     assert f"non-finite loss at step {steps_per_epoch + bad_batch} (epoch 1, lr 0.0375 " in msg, msg  # cosine over 3 epochs
     assert "\n" not in msg
-    last = _ckpt(out / "checkpoints" / "last.ckpt")
+    last = load_ckpt(out / "checkpoints" / "last.ckpt")
     assert last["epoch"] == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
-    for ckpt in (last, _ckpt(out / "checkpoints" / "epoch_000.ckpt")):
+    for ckpt in (last, load_ckpt(out / "checkpoints" / "epoch_000.ckpt")):
         assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 

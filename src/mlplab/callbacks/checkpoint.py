@@ -35,19 +35,16 @@ class ModelCheckpoint(_LightningModelCheckpoint):
     """
 
     _link_source: str | None = None
-    _last_saved_at: int = -1
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         due = self._last_due(trainer, at_train_epoch_end=True)
         super().on_train_epoch_end(trainer, pl_module)
-        if due and self._last_saved_at != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._save_last_if_skipped(trainer, due)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         due = self._last_due(trainer, at_train_epoch_end=False)
         super().on_validation_end(trainer, pl_module)
-        if due and self._last_saved_at != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._save_last_if_skipped(trainer, due)
 
     def _last_due(self, trainer: L.Trainer, at_train_epoch_end: bool) -> bool:
         """Whether this hook is the one where Lightning's epoch-end saving happens."""
@@ -56,6 +53,12 @@ class ModelCheckpoint(_LightningModelCheckpoint):
             and not self._should_skip_saving_checkpoint(trainer)
             and self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end
         )
+
+    def _save_last_if_skipped(self, trainer: L.Trainer, due: bool) -> None:
+        """Save ``last`` if the epoch end was due and Lightning left it out (no top-k save)."""
+        saved_now = self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved == self.last_model_path
+        if due and not saved_now:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
         self._link_source = None
@@ -79,8 +82,6 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         return None
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
-        if self.save_last:
-            self._last_saved_at = trainer.global_step
         source, self._link_source = self._link_source, None
         if source is None or source == self.last_model_path:
             super()._save_last_checkpoint(trainer, monitor_candidates)
