@@ -16,8 +16,11 @@ An epoch is one pass over the 55,000 training images plus validation on 5,000. E
 runs ``--epochs`` epochs: 1 warm-up, the timed ones, and a last one that is not timed either
 (it carries a run's end-of-training work: mlplab's final gradient-norm figure and weight
 histograms, ~0.1 s; the same epochs are dropped for every engine). Its figure is the
-median of the timed epochs, and the best of ``--rounds`` runs (default 2, interleaved:
-each round runs every case once). Data:
+median of the timed epochs. Every case runs ``--rounds`` times (default 4). Each round runs
+the engines of one (model, batch size) back to back, in alternating order (ABBA: a drift of
+the machine over the group's minute weighs on both sides alike), and a ratio is the median
+over rounds of that round's ratio -- paired, because on a shared VM speed drifts by tens of
+percent over minutes. Seconds are the median over rounds. Data:
 real MNIST when found (``$MLPLAB_DATA_DIR`` or ``../shared/data``), else synthetic of
 the same shape. Writes ``<out>/bench.json`` and ``<out>/bench.md``.
 """
@@ -199,6 +202,16 @@ def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, a
     return {"epoch_seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def round_order(group: list, rnd: int) -> list:
+    """A group's cases in round ``rnd``: as listed in even rounds, reversed in odd ones."""
+    return group if rnd % 2 == 0 else group[::-1]
+
+
+def paired_ratio(a: dict, b: dict) -> float:
+    """The median over rounds of ``a``'s seconds / ``b``'s in the same round."""
+    return statistics.median(x / y for x, y in zip(a["round_medians_s"], b["round_medians_s"], strict=True))
+
+
 def timed_epochs(seconds: list[float]) -> list[float]:
     """The epochs a figure is the median of: all but the warm-up and the last (with fewer
     than 3 epochs, as in --smoke: all but the warm-up)."""
@@ -214,7 +227,7 @@ def main() -> None:
     ap.add_argument("--pipeline-batch", type=int, default=128, help="batch size for the torchvision pipeline")
     ap.add_argument("--models", nargs="+", default=["simple_net", "relu_mlp"])
     ap.add_argument("--engines", nargs="+", default=["bare", "mlplab", "ignite", "torchvision"])
-    ap.add_argument("--rounds", type=int, default=2, help="run every case this many times, interleaved; keep the best")
+    ap.add_argument("--rounds", type=int, default=4, help="run every case this many times; ratios are paired per round")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic data, 2 epochs, 1 batch size")
     ap.add_argument("--val-size", type=int, default=5000, help=argparse.SUPPRESS)
@@ -238,18 +251,20 @@ def main() -> None:
         # Cases of one (model, batch size) run back to back, so that their ratios see the
         # same machine: on a shared VM speed drifts by tens of percent over minutes.
         extra = {args.pipeline_batch} if "torchvision" in args.engines else set()
-        cases = []
+        groups = []
         for model in args.models:
             for bs in sorted(set(args.batch_sizes) | extra):
+                group = []
                 for engine in args.engines:
                     if engine == "torchvision" and bs != args.pipeline_batch:
                         continue
                     if bs not in args.batch_sizes and engine not in ("bare", "mlplab", "torchvision"):
                         continue  # bare and mlplab also at the pipeline's batch size, for its ratio
-                    cases.append((engine, model, bs))
-        runs: dict[tuple, list[dict]] = {case: [] for case in cases}
+                    group.append((engine, model, bs))
+                groups.append(group)
+        runs: dict[tuple, list[dict]] = {case: [] for group in groups for case in group}
         for rnd in range(args.rounds):
-            for engine, model, bs in cases:
+            for engine, model, bs in (case for group in groups for case in round_order(group, rnd)):
                 cmd = [sys.executable, __file__, "--case", f"{engine},{model},{bs}", "--epochs", str(args.epochs),
                        "--data-dir", str(data_dir), "--accelerator", args.accelerator, "--work", str(work / f"round{rnd}"),
                        "--val-size", str(args.val_size)]
@@ -263,9 +278,9 @@ def main() -> None:
                 print(f"round {rnd + 1}: {engine:12s} {model:10s} batch {bs:4d}: {res['median_s']:7.3f} s/epoch  "
                       f"peak RSS {res['peak_rss_mb']:6.0f} MB", flush=True)
         results = []
-        for (engine, model, bs), rs in runs.items():  # the best round: the machine at its least disturbed
+        for (engine, model, bs), rs in runs.items():
             results.append({"engine": engine, "model": model, "batch_size": bs,
-                            "median_s": min(r["median_s"] for r in rs), "round_medians_s": [r["median_s"] for r in rs],
+                            "median_s": statistics.median(r["median_s"] for r in rs), "round_medians_s": [r["median_s"] for r in rs],
                             "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "epoch_seconds": [r["epoch_seconds"] for r in rs]})
 
     import torch
@@ -283,7 +298,8 @@ def main() -> None:
 def render(results: list[dict], args, machine: str, data_desc: str) -> str:
     by = {(r["engine"], r["model"], r["batch_size"]): r for r in results}
     timed = len(timed_epochs([0.0] * args.epochs))
-    lines = [f"Seconds per epoch (median of {timed} after 1 warm-up, the last epoch untimed; best of {args.rounds} interleaved runs), "
+    lines = [f"Seconds per epoch (median of {timed} after 1 warm-up, the last epoch untimed; median of {args.rounds} rounds); "
+             f"ratios paired: the median over rounds of the ratio within a round (engines back to back, ABBA order); "
              f"{args.accelerator}; {machine}; data: {data_desc}.",
              "", "| model | batch | bare | mlplab | ignite | torchvision per-sample | mlplab / bare | ignite / bare | per-sample / mlplab | mlplab peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -291,7 +307,7 @@ def render(results: list[dict], args, machine: str, data_desc: str) -> str:
         for bs in sorted({r["batch_size"] for r in results if r["model"] == model}):
             cell = lambda e: by.get((e, model, bs))  # noqa: E731
             fmt = lambda r: f"{r['median_s']:.3f}" if r else "-"  # noqa: E731
-            ratio = lambda a, b: f"{a['median_s'] / b['median_s']:.2f}" if a and b else "-"  # noqa: E731
+            ratio = lambda a, b: f"{paired_ratio(a, b):.2f}" if a and b else "-"  # noqa: E731
             bare, ml, ig, tv = cell("bare"), cell("mlplab"), cell("ignite"), cell("torchvision")
             lines.append(f"| {model} | {bs} | {fmt(bare)} | {fmt(ml)} | {fmt(ig)} | {fmt(tv)} | {ratio(ml, bare)} | "
                          f"{ratio(ig, bare)} | {ratio(tv, ml)} | {ml['peak_rss_mb']:.0f} |" if ml else

@@ -31,10 +31,27 @@ def test_benchmark_smoke(tmp_path):
     assert "| simple_net | 64 |" in table and "mlplab / bare" in table
 
 
-def test_the_benchmark_times_neither_the_warm_up_nor_the_last_epoch():
-    """The last epoch carries a run's end-of-training work (figures, histograms), not per-epoch cost."""
+@pytest.fixture(scope="module")
+def bench():
     spec = importlib.util.spec_from_file_location("bench_training", REPO / "benchmarks" / "bench_training.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_times_neither_the_warm_up_nor_the_last_epoch(bench):
+    """The last epoch carries a run's end-of-training work (figures, histograms), not per-epoch cost."""
     assert bench.timed_epochs([9.0, 1.0, 2.0, 3.0, 8.0]) == [1.0, 2.0, 3.0]
     assert bench.timed_epochs([9.0, 1.0]) == [1.0]  # --smoke: 2 epochs
+
+
+def test_ratios_are_paired_within_rounds_in_abba_order(bench):
+    group = ["bare", "mlplab", "ignite"]
+    assert [bench.round_order(group, r) for r in range(3)] == [group, group[::-1], group]
+    # Round 2 ran on a machine twice as slow, round 3 had a slow spell during a's run: the
+    # paired median is 1.1, the ratio of the per-engine medians would be 1.3 / 1.0.
+    a = {"round_medians_s": [1.1, 2.2, 1.3]}
+    b = {"round_medians_s": [1.0, 2.0, 1.0]}
+    assert bench.paired_ratio(a, b) == pytest.approx(1.1)
+    with pytest.raises(ValueError):  # rounds missing on one side are an error, not a shorter zip
+        bench.paired_ratio({"round_medians_s": [1.0]}, b)
