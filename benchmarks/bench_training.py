@@ -301,8 +301,8 @@ def render(results: list[dict], args, machine: str, data_desc: str) -> str:
     lines = [f"Seconds per epoch (median of {timed} after 1 warm-up, the last epoch untimed; median of {args.rounds} rounds); "
              f"ratios paired: the median over rounds of the ratio within a round (engines back to back, ABBA order); "
              f"{args.accelerator}; {machine}; data: {data_desc}.",
-             "", "| model | batch | bare | mlplab | ignite | torchvision per-sample | mlplab / bare | ignite / bare | per-sample / mlplab | mlplab peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| model | batch | bare | mlplab | ignite | torchvision per-sample | mlplab / bare | ignite / bare | per-sample / mlplab | per-sample / bare | mlplab peak RSS (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in args.models:
         for bs in sorted({r["batch_size"] for r in results if r["model"] == model}):
             cell = lambda e: by.get((e, model, bs))  # noqa: E731
@@ -310,8 +310,8 @@ def render(results: list[dict], args, machine: str, data_desc: str) -> str:
             ratio = lambda a, b: f"{paired_ratio(a, b):.2f}" if a and b else "-"  # noqa: E731
             bare, ml, ig, tv = cell("bare"), cell("mlplab"), cell("ignite"), cell("torchvision")
             lines.append(f"| {model} | {bs} | {fmt(bare)} | {fmt(ml)} | {fmt(ig)} | {fmt(tv)} | {ratio(ml, bare)} | "
-                         f"{ratio(ig, bare)} | {ratio(tv, ml)} | {ml['peak_rss_mb']:.0f} |" if ml else
-                         f"| {model} | {bs} | {fmt(bare)} | - | {fmt(ig)} | {fmt(tv)} | - | {ratio(ig, bare)} | - | - |")
+                         f"{ratio(ig, bare)} | {ratio(tv, ml)} | {ratio(tv, bare)} | {ml['peak_rss_mb']:.0f} |" if ml else
+                         f"| {model} | {bs} | {fmt(bare)} | - | {fmt(ig)} | {fmt(tv)} | - | {ratio(ig, bare)} | - | {ratio(tv, bare)} | - |")
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from lightning.pytorch.trainer import call
 
 import mlplab.training as training
 from mlplab.data import DigitsDataModule
-from mlplab.lean import NullProfiler, TRAIN_BATCH_HOOKS, trim_dispatch
+from mlplab.lean import NullProfiler, TRAIN_BATCH_HOOKS, direct_steps_possible, trim_dispatch
 from mlplab.models import MLP, Classifier
 
 from conftest import QUICK, compose_cfg
@@ -160,6 +160,78 @@ def test_a_checkpoint_continues_under_another_steps_per_call(tmp_path, first, th
     training.fit(compose_cfg([*common, f"steps_per_call={then}", "trainer.max_epochs=2", f"ckpt_path={ckpt}"],
                              tmp_path / "b"))
     assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2 * steps
+
+
+class _StepSpy(L.Callback):
+    """Records every per-step hook: its arguments, the step count and the hook name Lightning exposes."""
+
+    def __init__(self) -> None:
+        self.trace: list[tuple] = []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.trace.append(("before_backward", trainer.global_step, pl_module._current_fx_name, loss.item(), loss.requires_grad))
+
+    def on_after_backward(self, trainer, pl_module):
+        grad = next(pl_module.net.parameters()).grad
+        self.trace.append(("after_backward", trainer.global_step, pl_module._current_fx_name, grad.norm().item()))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.trace.append(("before_optimizer_step", trainer.global_step, pl_module._current_fx_name, type(optimizer)))
+
+
+class _Probe(Classifier):
+    def on_before_optimizer_step(self, optimizer):  # a module hook that logs, as users write them
+        self.log("probe/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+
+def _fused_trace(tmp_path, direct: bool):
+    L.seed_everything(0, verbose=False)
+    spy = _StepSpy()
+    trainer = _trainer(tmp_path, callbacks=[spy], profiler=NullProfiler(), enable_progress_bar=False, max_epochs=2)
+    torch.manual_seed(0)
+    model = _Probe(MLP(64, 10, hidden_sizes=(32,)), 10, optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
+    dm = DigitsDataModule(batch_size=32)
+    model.fuse_steps(8, 32)
+    dm.steps_per_call = 8
+    trim_dispatch(trainer, model)
+    with pytest.MonkeyPatch.context() as mp:
+        if not direct:
+            mp.setattr("mlplab.models.classifier.direct_steps_possible", lambda trainer, module: False)
+        trainer.fit(model, datamodule=dm)
+    assert model._direct_steps is direct
+    return spy.trace, trainer, {k: v.clone() for k, v in model.net.state_dict().items()}
+
+
+def test_direct_steps_make_lightnings_calls_in_lightnings_order(tmp_path):
+    """Fused steps without Lightning's dispatch: the same hooks, arguments, step counts and
+    hook names (self.log works in them), and the same weights."""
+    direct, trainer, weights = _fused_trace(tmp_path / "direct", direct=True)
+    lightning, lightning_trainer, lightning_weights = _fused_trace(tmp_path / "lightning", direct=False)
+    steps = trainer.global_step
+    assert steps == lightning_trainer.global_step > 16
+    assert len(direct) == 3 * steps
+    assert [t[0] for t in direct[:3]] == ["before_backward", "after_backward", "before_optimizer_step"]
+    assert [t[1] for t in direct[::3]] == list(range(steps))  # the step count before each step, as in Lightning
+    assert direct == lightning
+    assert trainer.callback_metrics["probe/lr"] == lightning_trainer.callback_metrics["probe/lr"] == pytest.approx(0.1)
+    assert all(torch.equal(weights[k], lightning_weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize("change", ["profiler", "precision", "backward"])
+def test_direct_steps_only_where_they_change_nothing(tmp_path, change):
+    class OwnBackward(Classifier):
+        def backward(self, loss, *args, **kwargs):
+            loss.backward(*args, **kwargs)
+
+    plain = _trainer(tmp_path, profiler=NullProfiler())
+    assert direct_steps_possible(plain, _module())
+    if change == "backward":
+        torch.manual_seed(0)
+        module = OwnBackward(MLP(64, 10, hidden_sizes=(32,)), 10, optimizer=partial(torch.optim.SGD, lr=0.1))
+        assert not direct_steps_possible(plain, module)
+    else:
+        kwargs = {"profiler": SimpleProfiler()} if change == "profiler" else {"precision": "bf16-mixed", "profiler": NullProfiler()}
+        assert not direct_steps_possible(_trainer(tmp_path, **kwargs), _module())
 
 
 _BLOCK_MEMORY = """

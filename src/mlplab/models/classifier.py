@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
 from mlplab.errors import DivergenceError
+from mlplab.lean import StepHooks, backward_and_step, direct_steps_possible
 from mlplab.models.losses import ClassificationLoss, CrossEntropy
 from mlplab.models.metrics import EpochStats
 
@@ -71,6 +72,8 @@ class Classifier(L.LightningModule):
         self.micro_batch_size = 0
         self._scheduler: Any = None
         self._scheduler_interval: str | None = None
+        # Fused steps bypass Lightning's per-step dispatch where that changes nothing (on_train_start).
+        self._direct_steps = False
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Lightning records the running hook's name here around every hook call (~20 times
@@ -143,14 +146,19 @@ class Classifier(L.LightningModule):
         The training batch is then a block of up to ``steps_per_call * batch_size`` rows
         (the DataModule's ``steps_per_call``), cut here into the minibatches of
         ``batch_size`` the DataModule would have served one by one -- the same samples in
-        the same order, so the same training. Each step goes through Lightning's manual
-        optimization (``manual_backward``, ``LightningOptimizer.step``): precision plugins,
-        the backward and optimizer-step hooks of callbacks (gradient norms) and the global
-        step count behave as before. What is amortised over the block is Lightning's
-        per-batch loop, about 1 ms of Python a call on a 2-core CPU (README, "Speed").
+        the same order, so the same training. Each step is a manual optimization step
+        (``manual_backward``, ``LightningOptimizer.step``): precision plugins, the backward
+        and optimizer-step hooks of callbacks (gradient norms) and the global step count
+        behave as before. On one device in 32-bit precision without a profiler,
+        :func:`mlplab.lean.backward_and_step` makes the same calls without Lightning's
+        dispatch. What is amortised over the block is Lightning's per-batch loop, about
+        1 ms of Python a call on a 2-core CPU (README, "Speed").
         """
         self.steps_per_call, self.micro_batch_size = steps_per_call, batch_size
         self.automatic_optimization = steps_per_call == 1
+
+    def on_train_start(self) -> None:
+        self._direct_steps = direct_steps_possible(self.trainer, self)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         if self.steps_per_call > 1:
@@ -171,21 +179,31 @@ class Classifier(L.LightningModule):
     def _fused_training_step(self, batch: tuple[Tensor, Tensor]) -> None:
         trainer = self.trainer
         optimizer = self.optimizers()
-        first_step = self.global_step
+        net, criterion = self.net, self.criterion
+        step_scheduler = self._scheduler if self._scheduler_interval == "step" else None
+        hooks = StepHooks(trainer, self) if self._direct_steps else None
+        # Each iteration is one optimizer step, counted by Lightning (global_step + 1).
+        first_step = step = self.global_step
+        last_step = trainer.max_steps if trainer.max_steps >= 0 else None
         losses, outputs, sizes = [], [], []
         for x, y in zip(batch[0].split(self.micro_batch_size), batch[1].split(self.micro_batch_size)):
-            self._loss_steps.append(self.global_step)
-            out = self.net(x)
-            loss = self.criterion(out, y)
+            self._loss_steps.append(step)
+            out = net(x)
+            loss = criterion(out, y)
             losses.append(loss.detach())
             outputs.append(out.detach())
             sizes.append(len(y))
-            optimizer.zero_grad()
-            self.manual_backward(loss)
-            optimizer.step()
-            if self._scheduler is not None and self._scheduler_interval == "step":
-                self._scheduler.step()
-            if 0 <= trainer.max_steps <= self.global_step:
+            if hooks is not None:
+                optimizer.optimizer.zero_grad()  # what the wrapper's zero_grad comes down to
+                backward_and_step(loss, optimizer, hooks)
+            else:
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+            if step_scheduler is not None:
+                step_scheduler.step()
+            step += 1
+            if step == last_step:
                 break
         # The block's metrics in one update (each torchmetrics update costs ~15 us of wrapper),
         # and its losses for the divergence guard as one tensor.
@@ -194,7 +212,7 @@ class Classifier(L.LightningModule):
         # Lightning's logging step (the x axis of every self.log) counts loop iterations:
         # advance it by the block's extra steps, so that it counts optimizer steps as in
         # Lightning's own loop (it is saved in checkpoints with the loop state).
-        trainer.fit_loop.epoch_loop._batches_that_stepped += self.global_step - first_step - 1
+        trainer.fit_loop.epoch_loop._batches_that_stepped += step - first_step - 1
         # An epoch-interval schedule steps after the epoch's last batch, before validation
         # (and its checkpoint), as Lightning's loop does.
         if self._scheduler is not None and self._scheduler_interval == "epoch":
