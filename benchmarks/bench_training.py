@@ -16,13 +16,17 @@ An epoch is one pass over the 55,000 training images plus validation on 5,000. E
 runs ``--epochs`` epochs: 1 warm-up, the timed ones, and a last one that is not timed either
 (it carries a run's end-of-training work: mlplab's final gradient-norm figure and weight
 histograms, ~0.1 s; the same epochs are dropped for every engine). Its figure is the
-median of the timed epochs. Every case runs ``--rounds`` times (default 4). Each round runs
-the engines of one (model, batch size) back to back, in alternating order (ABBA: a drift of
-the machine over the group's minute weighs on both sides alike), and a ratio is the median
-over rounds of that round's ratio -- paired, because on a shared VM speed drifts by tens of
-percent over minutes. Seconds are the median over rounds. Data:
-real MNIST when found (``$MLPLAB_DATA_DIR`` or ``../shared/data``), else synthetic of
-the same shape. Writes ``<out>/bench.json`` and ``<out>/bench.md``.
+median of the timed epochs.
+
+The engines of one (model, batch size) run in lockstep: their processes start together,
+set up, and then the driver lets one epoch run at a time -- epoch 1 of every engine, then
+epoch 2 in the reverse order (ABBA), and so on -- while the others wait, idle, at their
+epoch boundary. So the epochs compared are seconds apart, not minutes: on a shared VM
+speed drifts by tens of percent over minutes. Every group runs ``--rounds`` times
+(default 3); a ratio is the median over rounds of the ratio within a round, seconds the
+median over rounds. Data: real MNIST when found (``$MLPLAB_DATA_DIR`` or
+``../shared/data``), else synthetic of the same shape. Writes ``<out>/bench.json`` and
+``<out>/bench.md``.
 """
 
 from __future__ import annotations
@@ -86,6 +90,106 @@ def prepare_data(work: Path, smoke: bool) -> tuple[Path, str]:
     return data_dir, f"synthetic, MNIST-shaped ({n_train} train images)"
 
 
+# --------------------------------------------------------------------------- lockstep
+class Pacer:
+    """A case's side of the lockstep (``--pace GO_FD,READY_FD``; without it, no-ops).
+
+    :meth:`turn` before every epoch: report ready (set up, or the last epoch done) and wait
+    for the driver's go. :meth:`finish` after the last epoch.
+    """
+
+    def __init__(self, spec: str | None) -> None:
+        self.go = self.ready = None
+        if spec:
+            go_fd, ready_fd = (int(fd) for fd in spec.split(","))
+            self.go, self.ready = os.fdopen(go_fd, "r"), os.fdopen(ready_fd, "w")
+
+    def finish(self) -> None:
+        if self.ready is not None:
+            self.ready.write("ready\n")
+            self.ready.flush()
+
+    def turn(self) -> None:
+        self.finish()
+        if self.go is not None and not self.go.readline():
+            sys.exit("benchmark case: the driver went away")
+
+
+def _paced_epoch_timer(pacer: Pacer):
+    """mlplab's EpochTimer that takes its turn at every epoch boundary, outside the timed span."""
+    from mlplab.callbacks import EpochTimer
+
+    class PacedEpochTimer(EpochTimer):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self._close_epoch(trainer)
+            pacer.turn()
+            self._start = time.perf_counter()
+
+        def on_fit_end(self, trainer, pl_module) -> None:
+            super().on_fit_end(trainer, pl_module)
+            pacer.finish()
+
+    return PacedEpochTimer
+
+
+class _PacedSeconds(list):
+    """The ignite engine's ``epoch_seconds``: each epoch's time is appended at its very end."""
+
+    def __init__(self, pacer: Pacer, epochs: int) -> None:
+        super().__init__()
+        self.pacer, self.epochs = pacer, epochs
+
+    def append(self, seconds: float) -> None:
+        super().append(seconds)
+        self.pacer.finish() if len(self) == self.epochs else self.pacer.turn()
+
+
+def run_group(group: list[tuple], args, data_dir: Path, work: Path) -> dict[tuple, dict]:
+    """Run a group's cases in lockstep (module doc); returns each case's result."""
+    children = []
+    for case in group:
+        go_r, go_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        name = "-".join(map(str, case))
+        log_out, log_err = open(work / f"{name}.out", "w+"), open(work / f"{name}.err", "w+")
+        cmd = [sys.executable, __file__, "--case", ",".join(map(str, case)), "--epochs", str(args.epochs),
+               "--data-dir", str(data_dir), "--accelerator", args.accelerator, "--work", str(work),
+               "--val-size", str(args.val_size), "--pace", f"{go_r},{ready_w}"]
+        proc = subprocess.Popen(cmd, stdout=log_out, stderr=log_err, pass_fds=(go_r, ready_w),
+                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        os.close(go_r)
+        os.close(ready_w)
+        children.append((case, proc, os.fdopen(go_w, "w"), os.fdopen(ready_r, "r"), log_out, log_err))
+
+    def failed(case, proc, log_err) -> None:
+        for _, other, *_ in children:
+            other.kill()
+        log_err.seek(0)
+        sys.exit(f"case {','.join(map(str, case))} failed (exit {proc.wait()}):\n{log_err.read()[-3000:]}")
+
+    def wait_ready(child) -> None:
+        case, proc, _, ready, _, log_err = child
+        if not ready.readline():
+            failed(case, proc, log_err)
+
+    for child in children:  # all set up
+        wait_ready(child)
+    for epoch in range(args.epochs):
+        for child in round_order(children, epoch):
+            child[2].write("go\n")
+            child[2].flush()
+            wait_ready(child)
+    results = {}
+    for case, proc, go, ready, log_out, log_err in children:
+        if proc.wait() != 0:
+            failed(case, proc, log_err)
+        log_out.seek(0)
+        results[case] = json.loads(log_out.read().strip().splitlines()[-1])
+        for f in (go, ready, log_out, log_err):
+            f.close()
+    return results
+
+
 # --------------------------------------------------------------------------- one case
 def _net(model: str):
     from mlplab.models import MLP, SimpleNet
@@ -93,13 +197,14 @@ def _net(model: str):
     return SimpleNet(784, 10) if model == "simple_net" else MLP(784, 10, hidden_sizes=(256, 128))
 
 
-def _bare_epochs(net, opt, train_batches, val_batches, epochs: int, device) -> list[float]:
+def _bare_epochs(net, opt, train_batches, val_batches, epochs: int, device, pacer: Pacer) -> list[float]:
     """The floor: forward, loss, backward, step; validation in eval mode; nothing else."""
     import torch
 
     crit = torch.nn.CrossEntropyLoss()
     times = []
     for _ in range(epochs):
+        pacer.turn()
         t0 = time.perf_counter()
         net.train()
         for x, y in train_batches():
@@ -118,11 +223,16 @@ def _bare_epochs(net, opt, train_batches, val_batches, epochs: int, device) -> l
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+    pacer.finish()
     return times
 
 
-def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, accelerator: str, work: Path, val_size: int) -> dict:
+def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, accelerator: str, work: Path, val_size: int,
+             pacer: Pacer | None = None) -> dict:
+    global _PACED_TIMER
     import torch
+
+    pacer = pacer or Pacer(None)
 
     torch.manual_seed(0)
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
@@ -142,21 +252,25 @@ def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, a
                 "data=mnist", f"data.data_dir={data_dir}", f"data.val_size={val_size}", "data.download=false", f"model={model}",
                 f"data.batch_size={batch}", f"trainer={accelerator}", f"trainer.max_epochs={epochs}",
                 f"engine={'ignite' if engine == 'ignite' else 'lightning'}", "test=false",
-                f"+callbacks.epoch_timer._target_=mlplab.callbacks.EpochTimer",
                 f"+callbacks.epoch_timer.out_file={timer_file}",
             ])
         HydraConfig().set_config(cfg)
         with open_dict(cfg):
             cfg.paths.output_dir = str(out)
             del cfg["hydra"]
+            # an EpochTimer that takes its turns: a class made here, closing over this case's pacer
+            cfg.callbacks.epoch_timer._target_ = f"{__name__}._PACED_TIMER"
+        _PACED_TIMER = _paced_epoch_timer(pacer)
         out.mkdir(parents=True)
         if engine == "ignite":
             from mlplab.ignite_engine import fit_ignite
             from mlplab.training import build_datamodule, build_net
 
             dm = build_datamodule(cfg.data)
-            seconds: list[float] = []
+            seconds = _PacedSeconds(pacer, epochs)
+            pacer.turn()  # ignite sets up inside fit_ignite: that runs on the driver's first go (untimed)
             fit_ignite(cfg, dm, build_net(cfg.model, dm), epoch_seconds=seconds)
+            seconds = list(seconds)
         else:
             train(cfg)
             seconds = json.loads(timer_file.read_text())["epoch_seconds"]
@@ -198,13 +312,13 @@ def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, a
             def val_batches():
                 return iter(val_loader)
 
-        seconds = _bare_epochs(net, opt, train_batches, val_batches, epochs, device)
+        seconds = _bare_epochs(net, opt, train_batches, val_batches, epochs, device, pacer)
     return {"epoch_seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def round_order(group: list, rnd: int) -> list:
-    """A group's cases in round ``rnd``: as listed in even rounds, reversed in odd ones."""
-    return group if rnd % 2 == 0 else group[::-1]
+def round_order(group: list, turn: int) -> list:
+    """A group's cases at ``turn`` (an epoch): as listed at even turns, reversed at odd ones (ABBA)."""
+    return group if turn % 2 == 0 else group[::-1]
 
 
 def paired_ratio(a: dict, b: dict) -> float:
@@ -227,18 +341,20 @@ def main() -> None:
     ap.add_argument("--pipeline-batch", type=int, default=128, help="batch size for the torchvision pipeline")
     ap.add_argument("--models", nargs="+", default=["simple_net", "relu_mlp"])
     ap.add_argument("--engines", nargs="+", default=["bare", "mlplab", "ignite", "torchvision"])
-    ap.add_argument("--rounds", type=int, default=4, help="run every case this many times; ratios are paired per round")
+    ap.add_argument("--rounds", type=int, default=3, help="run every group this many times; ratios are paired per round")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic data, 2 epochs, 1 batch size")
     ap.add_argument("--val-size", type=int, default=5000, help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--pace", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.case:  # child process: one case, JSON on the last line of stdout
         engine, model, batch = args.case.split(",")
-        result = run_case(engine, model, int(batch), args.epochs, args.data_dir, args.accelerator, args.work, args.val_size)
+        result = run_case(engine, model, int(batch), args.epochs, args.data_dir, args.accelerator, args.work, args.val_size,
+                          Pacer(args.pace))
         print(json.dumps(result))
         return
 
@@ -248,8 +364,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mlplab-bench-") as tmp:
         work = Path(tmp)
         data_dir, data_desc = prepare_data(work, args.smoke)
-        # Cases of one (model, batch size) run back to back, so that their ratios see the
-        # same machine: on a shared VM speed drifts by tens of percent over minutes.
+        # The cases of one (model, batch size) form a group that runs in lockstep (module doc).
         extra = {args.pipeline_batch} if "torchvision" in args.engines else set()
         groups = []
         for model in args.models:
@@ -264,19 +379,13 @@ def main() -> None:
                 groups.append(group)
         runs: dict[tuple, list[dict]] = {case: [] for group in groups for case in group}
         for rnd in range(args.rounds):
-            for engine, model, bs in (case for group in groups for case in round_order(group, rnd)):
-                cmd = [sys.executable, __file__, "--case", f"{engine},{model},{bs}", "--epochs", str(args.epochs),
-                       "--data-dir", str(data_dir), "--accelerator", args.accelerator, "--work", str(work / f"round{rnd}"),
-                       "--val-size", str(args.val_size)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-                if proc.returncode != 0:
-                    sys.exit(f"case {engine},{model},{bs} failed:\n{proc.stderr[-3000:]}")
-                res = json.loads(proc.stdout.strip().splitlines()[-1])
-                timed = timed_epochs(res["epoch_seconds"])
-                res["median_s"] = statistics.median(timed)
-                runs[(engine, model, bs)].append(res)
-                print(f"round {rnd + 1}: {engine:12s} {model:10s} batch {bs:4d}: {res['median_s']:7.3f} s/epoch  "
-                      f"peak RSS {res['peak_rss_mb']:6.0f} MB", flush=True)
+            for group in groups:
+                (work / f"round{rnd}").mkdir(exist_ok=True)
+                for (engine, model, bs), res in run_group(group, args, data_dir, work / f"round{rnd}").items():
+                    res["median_s"] = statistics.median(timed_epochs(res["epoch_seconds"]))
+                    runs[(engine, model, bs)].append(res)
+                    print(f"round {rnd + 1}: {engine:12s} {model:10s} batch {bs:4d}: {res['median_s']:7.3f} s/epoch  "
+                          f"peak RSS {res['peak_rss_mb']:6.0f} MB", flush=True)
         results = []
         for (engine, model, bs), rs in runs.items():
             results.append({"engine": engine, "model": model, "batch_size": bs,
@@ -298,8 +407,8 @@ def main() -> None:
 def render(results: list[dict], args, machine: str, data_desc: str) -> str:
     by = {(r["engine"], r["model"], r["batch_size"]): r for r in results}
     timed = len(timed_epochs([0.0] * args.epochs))
-    lines = [f"Seconds per epoch (median of {timed} after 1 warm-up, the last epoch untimed; median of {args.rounds} rounds); "
-             f"ratios paired: the median over rounds of the ratio within a round (engines back to back, ABBA order); "
+    lines = [f"Seconds per epoch (median of {timed} after 1 warm-up, the last epoch untimed; median of {args.rounds} rounds, "
+             f"the engines of a row in lockstep, one epoch at a time, ABBA); ratios: the median over rounds of the ratio within a round; "
              f"{args.accelerator}; {machine}; data: {data_desc}.",
              "", "| model | batch | bare | mlplab | ignite | torchvision per-sample | mlplab / bare | ignite / bare | per-sample / mlplab | per-sample / bare | mlplab peak RSS (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
