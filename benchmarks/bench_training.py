@@ -60,7 +60,21 @@ def find_mnist() -> Path | None:
 
 
 def prepare_data(work: Path, smoke: bool) -> tuple[Path, str]:
-    """A writable data dir with MNIST/raw for every engine; returns (dir, description)."""
+    """A writable data dir with MNIST/raw for every engine; returns (dir, description).
+
+    The archives are extracted here, once: the engines of a group start together, and
+    torchvision's MNIST (download=False) must not look while mlplab extracts them.
+    """
+    data_dir, desc = _raw_files(work, smoke)
+    raw = data_dir / "MNIST" / "raw"
+    for name in RAW:
+        if not (raw / name[:-3]).is_file():
+            with gzip.open(raw / name, "rb") as f:
+                (raw / name[:-3]).write_bytes(f.read())
+    return data_dir, desc
+
+
+def _raw_files(work: Path, smoke: bool) -> tuple[Path, str]:
     data_dir = work / "data"
     raw = data_dir / "MNIST" / "raw"
     raw.mkdir(parents=True)
