@@ -62,15 +62,14 @@ def find_mnist() -> Path | None:
 def prepare_data(work: Path, smoke: bool) -> tuple[Path, str]:
     """A writable data dir with MNIST/raw for every engine; returns (dir, description).
 
-    The archives are extracted here, once: the engines of a group start together, and
-    torchvision's MNIST (download=False) must not look while mlplab extracts them.
+    The archives are extracted here, once, by mlplab's own MNIST preparation: the engines
+    of a group start together, and torchvision's MNIST (download=False) must not look
+    while mlplab extracts them.
     """
+    from mlplab.data import MNISTDataModule
+
     data_dir, desc = _raw_files(work, smoke)
-    raw = data_dir / "MNIST" / "raw"
-    for name in RAW:
-        if not (raw / name[:-3]).is_file():
-            with gzip.open(raw / name, "rb") as f:
-                (raw / name[:-3]).write_bytes(f.read())
+    MNISTDataModule(data_dir=str(data_dir), download=False).prepare_data()
     return data_dir, desc
 
 
