@@ -55,3 +55,17 @@ def test_ratios_are_paired_within_rounds_in_abba_order(bench):
     assert bench.paired_ratio(a, b) == pytest.approx(1.1)
     with pytest.raises(ValueError):  # rounds missing on one side are an error, not a shorter zip
         bench.paired_ratio({"round_medians_s": [1.0]}, b)
+
+
+def test_without_mnist_the_benchmark_makes_full_size_synthetic_data_that_mlplab_loads(bench, tmp_path, monkeypatch):
+    """Random pixels in archives of the official size would fail mlplab's md5 check."""
+    from mlplab.data import MNISTDataModule
+
+    monkeypatch.setattr(bench, "find_mnist", lambda: None)
+    data_dir, desc = bench.prepare_data(tmp_path, smoke=False)
+    assert desc.startswith("synthetic")
+    dm = MNISTDataModule(data_dir=str(data_dir), download=False, val_size=5000)
+    dm.setup("fit")
+    x_train, y_train = dm.data_train.tensors
+    assert x_train.shape == (59_999 - 5000, 1, 28, 28) and int(y_train.max()) <= 9
+    assert len(dm.data_test) == 9_999
