@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import subprocess
@@ -69,3 +70,43 @@ def test_without_mnist_the_benchmark_makes_full_size_synthetic_data_that_mlplab_
     x_train, y_train = dm.data_train.tensors
     assert x_train.shape == (59_999 - 5000, 1, 28, 28) and int(y_train.max()) <= 9
     assert len(dm.data_test) == 9_999
+
+
+FAKE_CASE = '''
+import json, os, sys, time
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+go_fd, ready_fd = (int(fd) for fd in args["--pace"].split(","))
+go, ready = os.fdopen(go_fd, "r"), os.fdopen(ready_fd, "w")
+if args["--case"].startswith("hang"):
+    time.sleep(60)
+log = open(os.path.join(args["--work"], "order.log"), "a")
+for epoch in range(int(args["--epochs"])):
+    ready.write("ready\\n"); ready.flush()
+    assert go.readline() == "go\\n"
+    log.write(f"{args['--case']} {epoch}\\n"); log.flush()
+ready.write("ready\\n"); ready.flush()
+print(json.dumps({"epoch_seconds": [1.0], "peak_rss_mb": 1}))
+'''
+
+
+def _fake_driver(bench, tmp_path, monkeypatch, **kw):
+    script = tmp_path / "fake_case.py"
+    script.write_text(FAKE_CASE)
+    monkeypatch.setattr(bench, "__file__", str(script))
+    args = argparse.Namespace(epochs=3, accelerator="cpu", val_size=1, case_timeout=30.0, **kw)
+    return args
+
+
+def test_the_lockstep_driver_runs_one_epoch_at_a_time_in_abba_order(bench, tmp_path, monkeypatch):
+    args = _fake_driver(bench, tmp_path, monkeypatch)
+    results = bench.run_group([("a", "m", 1), ("b", "m", 1)], args, tmp_path, tmp_path)
+    assert set(results) == {("a", "m", 1), ("b", "m", 1)}
+    order = (tmp_path / "order.log").read_text().split("\n")[:-1]
+    assert order == ["a,m,1 0", "b,m,1 0", "b,m,1 1", "a,m,1 1", "a,m,1 2", "b,m,1 2"]
+
+
+def test_a_hung_case_stops_the_benchmark_with_a_message(bench, tmp_path, monkeypatch):
+    args = _fake_driver(bench, tmp_path, monkeypatch)
+    args.case_timeout = 1.0
+    with pytest.raises(SystemExit, match=r"case hang,m,1 failed .*no report within --case-timeout=1 s"):
+        bench.run_group([("a", "m", 1), ("hang", "m", 1)], args, tmp_path, tmp_path)
