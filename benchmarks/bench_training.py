@@ -6,7 +6,8 @@ pipeline and the ignite engine, on the same machine, data and nets.
     python benchmarks/bench_training.py --smoke              # tiny, seconds: keeps the script alive
 
 Engines, each in its own subprocess (so peak RSS is its own):
-  bare         a bare PyTorch loop over the preprocessed tensors (the floor)
+  bare         a bare PyTorch loop over the preprocessed tensors (the floor); like mlplab it
+               gathers rows with index_select and flushes denormal floats to zero
   mlplab       `python src/train.py` as a user runs it: Lightning, TensorBoard logging,
                progress bar, checkpoints, model summary (the default callbacks)
   torchvision  ToTensor + Normalize per sample through a DataLoader with 2 workers, bare loop
@@ -263,8 +264,13 @@ def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, a
     global _PACED_TIMER
     import torch
 
-    pacer = pacer or Pacer(None)
+    from mlplab.lean import flush_denormals
 
+    pacer = pacer or Pacer(None)
+    # Denormal floats flushed to zero in every engine, before torch starts its threads: what
+    # mlplab's runs do (flush_denormal=true), given to the floor too, so that the ratios
+    # measure the frameworks, not denormal arithmetic (README, "Speed").
+    flush_denormals()
     torch.manual_seed(0)
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     if engine in ("mlplab", "ignite"):

@@ -279,3 +279,53 @@ def test_fused_blocks_come_from_the_heap_and_stay_there_for_the_next_block():
     assert mmapped >= block and kept < block  # what glibc does by itself
     mmapped, kept = block_memory("tuned")
     assert mmapped == 0 and kept >= block
+
+
+_DENORMALS = """
+import sys, torch
+from mlplab.lean import flush_denormals
+if sys.argv[1] == "late":  # torch's worker threads start here, before the flag is set
+    torch.ones(1 << 20).mul_(2)
+flushes = flush_denormals()
+r = torch.full((1 << 20,), 1e-30).mul_(1e-10)  # 1e-40: a float32 denormal, split over all threads
+print(flushes, int((r != 0).sum()), torch.get_num_threads())
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="FTZ/DAZ checked on x86-64 only")
+def test_denormals_are_flushed_in_every_thread_when_flushing_starts_before_torchs_threads():
+    def run(mode: str) -> tuple[str, int, int]:
+        out = subprocess.run([sys.executable, "-c", _DENORMALS, mode], capture_output=True, text=True, check=True)
+        flushes, nonzero, threads = out.stdout.split()
+        return flushes, int(nonzero), int(threads)
+
+    assert run("first")[:2] == ("True", 0)
+    flushes, nonzero, threads = run("late")  # only the calling thread's register is set
+    if threads > 1:
+        assert flushes == "False" and 0 < nonzero < 1 << 20
+
+
+def test_runs_flush_denormals_unless_told_not_to_and_leave_the_callers_thread_as_it_was(tmp_path, monkeypatch, caplog):
+    import mlplab.lean as lean
+
+    seen = []
+    real = lean.flush_denormals
+
+    def spy():
+        result = real()
+        seen.append(lean._flushes_here())
+        return False  # as when torch's worker threads were started before the run
+    monkeypatch.setattr(lean, "flush_denormals", spy)
+    original_fit = training._fit
+    monkeypatch.setattr(training, "_fit", lambda cfg: seen.append(("in run", lean._flushes_here())) or original_fit(cfg))
+    base = [*QUICK, "data=digits", "trainer.max_epochs=1", "test=false"]
+    assert not lean._flushes_here()
+    with caplog.at_level("INFO", logger="mlplab.training"):
+        training.fit(compose_cfg(base, tmp_path / "a"))
+    assert seen == [True, ("in run", True)]
+    assert not lean._flushes_here()  # restored: numpy, hypothesis, the next cell compute as before
+    assert "only the main thread flushes denormal floats" in caplog.text
+    training.fit(compose_cfg([*base, "flush_denormal=false"], tmp_path / "b"))
+    assert seen[2:] == [("in run", False)]
+    with pytest.raises(training.ConfigError, match="flush_denormal='yes' is invalid; allowed: true, false"):
+        training.fit(compose_cfg([*base, "flush_denormal=yes"], tmp_path / "c"))

@@ -27,9 +27,10 @@ import contextlib
 import ctypes
 import ctypes.util
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
@@ -198,3 +199,54 @@ def reuse_freed_memory() -> bool:
             except (OSError, AttributeError):
                 pass
     return _malloc_tuned
+
+
+# -- denormal floats ------------------------------------------------------------------------
+
+#: Elements per thread below which torch's CPU kernels do not split work (at::internal::GRAIN_SIZE).
+_GRAIN_SIZE = 32768
+
+
+def flush_denormals() -> bool | None:
+    """Flush denormal floats to zero on the CPU (FTZ/DAZ), in every thread torch computes on.
+
+    As a classifier grows confident, softmax probabilities and their gradients underflow
+    into denormals (below 1.2e-38 in float32); x86 CPUs compute with those through slow
+    microcode assists. On the 2-core AMD EPYC here a trained SimpleNet's epoch at batch 64
+    took 0.98 s with denormals and 0.48 s without (README, "Speed"). Flushing changes only
+    values below 1.2e-38, which round away against anything else in a training step.
+
+    The flag lives in each thread's MXCSR register, and a thread inherits it only when it is
+    created: set before torch starts its worker threads (the first large computation of the
+    process), it holds for all of them; set later, only for the calling thread. Returns True
+    where every intra-op thread flushes (checked with a computation split over all threads),
+    False where only this one does, None where the CPU cannot (``torch.set_flush_denormal``).
+    """
+    if not torch.set_flush_denormal(True):
+        return None
+    probe = torch.full((2 * _GRAIN_SIZE * torch.get_num_threads(),), 1e-30).mul_(1e-10)
+    return bool((probe == 0).all())
+
+
+def _flushes_here() -> bool:
+    """Whether this thread already flushes denormals (a one-element product: no worker thread)."""
+    return bool(torch.tensor([1e-30]).mul_(1e-10).item() == 0)
+
+
+@contextlib.contextmanager
+def denormals_flushed(enabled: bool = True) -> Iterator[bool | None]:
+    """:func:`flush_denormals` for the duration of the block (yields its result; None also
+    when not ``enabled``). Afterwards this thread computes as before: the flag is part of
+    the process's state, and other code run later in it (numpy, hypothesis, a notebook's
+    next cell) must not find it changed. Worker threads that torch started inside the
+    block keep flushing (no API reaches their registers); that changes values below
+    1.2e-38 only."""
+    if not enabled:
+        yield None
+        return
+    was_flushing = _flushes_here()
+    try:
+        yield flush_denormals()
+    finally:
+        if not was_flushing:
+            torch.set_flush_denormal(False)

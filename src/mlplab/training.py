@@ -7,12 +7,13 @@ Data flows one way: config -> DataModule (knows ``input_dim``, ``num_classes``,
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import hydra
 import lightning as L
@@ -36,7 +37,7 @@ from mlplab.config import (
 from mlplab.data import TensorDataModule
 from mlplab.errors import CheckpointError, ConfigError, MlplabError, RunInterrupted
 from mlplab.hparams import flat_hparams, log_hparams
-from mlplab.lean import NullProfiler, reuse_freed_memory, trim_dispatch
+from mlplab.lean import NullProfiler, denormals_flushed, reuse_freed_memory, trim_dispatch
 from mlplab.models import ClassificationLoss, Classifier, CrossEntropy
 from mlplab.numpy_net import NumpyMLP
 from mlplab.runs import mark_training_started
@@ -123,8 +124,31 @@ def train(cfg: DictConfig) -> float | None:
     return metrics.get(metric_name) if metric_name else None
 
 
+@contextlib.contextmanager
+def denormals(cfg: DictConfig) -> Iterator[None]:
+    """``flush_denormal=true`` (the default): denormal floats flushed to zero on the CPU for
+    the run (:func:`mlplab.lean.denormals_flushed`), from before its first torch computation."""
+    flush = cfg.get("flush_denormal", True)
+    if not isinstance(flush, bool):
+        raise ConfigError(f"flush_denormal={flush!r} is invalid; allowed: true, false")
+    with denormals_flushed(flush) as everywhere:
+        if everywhere is False:
+            log.info(
+                "flush_denormal: only the main thread flushes denormal floats; torch's worker threads were started "
+                "before this run (by an earlier computation in this process) and keep them, which can slow CPU "
+                "training (README, 'Speed'); call mlplab.lean.flush_denormals() before any torch computation to "
+                "cover them"
+            )
+        yield
+
+
 def fit(cfg: DictConfig) -> dict[str, float]:
     """Train, test the best checkpoint; returns every final metric and ``epochs`` (epochs completed)."""
+    with denormals(cfg):
+        return _fit(cfg)
+
+
+def _fit(cfg: DictConfig) -> dict[str, float]:
     validate_train_config(cfg)
     validate_hardware(cfg)
     ckpt_path = resume_checkpoint(cfg)
@@ -299,6 +323,11 @@ def load_checkpoint_config(ckpt_path: Path) -> dict:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test a checkpoint on the test set of the data it was trained on."""
+    with denormals(cfg):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = validate_ckpt_path("ckpt_path", cfg.get("ckpt_path"))
     validate_trainer(cfg)
     validate_hardware(cfg)
