@@ -267,10 +267,11 @@ def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, a
     from mlplab.lean import flush_denormals
 
     pacer = pacer or Pacer(None)
-    # Denormal floats flushed to zero in every engine, before torch starts its threads: what
-    # mlplab's runs do (flush_denormal=true), given to the floor too, so that the ratios
-    # measure the frameworks, not denormal arithmetic (README, "Speed").
-    flush_denormals()
+    if engine != "mlplab":  # mlplab's train() flushes by itself (flush_denormal=true)
+        # Denormal floats flushed to zero before torch starts its threads, as mlplab's runs
+        # do: the floor gets it too, so that the ratios measure the frameworks, not denormal
+        # arithmetic (README, "Speed"); ignite is started below without train().
+        flush_denormals()
     torch.manual_seed(0)
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     if engine in ("mlplab", "ignite"):
@@ -418,8 +419,8 @@ def main() -> None:
                 groups.append(group)
         runs: dict[tuple, list[dict]] = {case: [] for group in groups for case in group}
         for rnd in range(args.rounds):
+            (work / f"round{rnd}").mkdir()
             for group in groups:
-                (work / f"round{rnd}").mkdir(exist_ok=True)
                 for (engine, model, bs), res in run_group(group, args, data_dir, work / f"round{rnd}").items():
                     res["median_s"] = statistics.median(timed_epochs(res["epoch_seconds"]))
                     runs[(engine, model, bs)].append(res)

@@ -224,13 +224,17 @@ def flush_denormals() -> bool | None:
     """
     if not torch.set_flush_denormal(True):
         return None
-    probe = torch.full((2 * _GRAIN_SIZE * torch.get_num_threads(),), 1e-30).mul_(1e-10)
-    return bool((probe == 0).all())
+    return _flushed(2 * _GRAIN_SIZE * torch.get_num_threads())
 
 
 def _flushes_here() -> bool:
-    """Whether this thread already flushes denormals (a one-element product: no worker thread)."""
-    return bool(torch.tensor([1e-30]).mul_(1e-10).item() == 0)
+    """Whether this thread already flushes denormals (one element: no worker thread computes it)."""
+    return _flushed(1)
+
+
+def _flushed(n: int) -> bool:
+    """Whether ``n`` products 1e-30 * 1e-10 (a float32 denormal) all came out as zero."""
+    return bool((torch.full((n,), 1e-30).mul_(1e-10) == 0).all())
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable
 
 import lightning as L
@@ -184,7 +185,7 @@ class Classifier(L.LightningModule):
         hooks = StepHooks(trainer, self) if self._direct_steps else None
         # Each iteration is one optimizer step, counted by Lightning (global_step + 1).
         first_step = step = self.global_step
-        last_step = trainer.max_steps if trainer.max_steps >= 0 else None
+        last_step = trainer.max_steps if trainer.max_steps >= 0 else math.inf
         losses, outputs, sizes = [], [], []
         for x, y in zip(batch[0].split(self.micro_batch_size), batch[1].split(self.micro_batch_size)):
             self._loss_steps.append(step)
@@ -203,7 +204,7 @@ class Classifier(L.LightningModule):
             if step_scheduler is not None:
                 step_scheduler.step()
             step += 1
-            if step == last_step:
+            if step >= last_step:
                 break
         # The block's metrics in one update (each torchmetrics update costs ~15 us of wrapper),
         # and its losses for the divergence guard as one tensor.
