@@ -7,7 +7,8 @@ pipeline and the ignite engine, on the same machine, data and nets.
 
 Engines, each in its own subprocess (so peak RSS is its own):
   bare         a bare PyTorch loop over the preprocessed tensors (the floor); like mlplab it
-               gathers rows with index_select and flushes denormal floats to zero
+               gathers rows with index_select, flushes denormal floats to zero and keeps
+               freed memory on the heap
   mlplab       `python src/train.py` as a user runs it: Lightning, TensorBoard logging,
                progress bar, checkpoints, model summary (the default callbacks)
   torchvision  ToTensor + Normalize per sample through a DataLoader with 2 workers, bare loop
@@ -264,14 +265,16 @@ def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, a
     global _PACED_TIMER
     import torch
 
-    from mlplab.lean import flush_denormals
+    from mlplab.lean import flush_denormals, reuse_freed_memory
 
     pacer = pacer or Pacer(None)
-    if engine != "mlplab":  # mlplab's train() flushes by itself (flush_denormal=true)
-        # Denormal floats flushed to zero before torch starts its threads, as mlplab's runs
-        # do: the floor gets it too, so that the ratios measure the frameworks, not denormal
-        # arithmetic (README, "Speed"); ignite is started below without train().
+    if engine != "mlplab":  # mlplab's train() does both by itself
+        # Denormal floats flushed to zero before torch starts its threads, and freed memory
+        # kept on the heap, as mlplab's runs do: the floor gets them too, so that the ratios
+        # measure the frameworks, not denormal arithmetic or page faults (README, "Speed");
+        # ignite is started below without train().
         flush_denormals()
+        reuse_freed_memory()
     torch.manual_seed(0)
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
     if engine in ("mlplab", "ignite"):
