@@ -16,14 +16,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import MNIST
 
 from conftest import RAW_NAMES, write_tiny_mnist
-from mlplab.data import (
-    BatchSliceSampler,
-    DigitsDataModule,
-    FashionMNISTDataModule,
-    MNISTDataModule,
-    RowBlock,
-    split_indices,
-)
+from mlplab.data import BatchSliceSampler, DigitsDataModule, FashionMNISTDataModule, MNISTDataModule, split_indices
 from mlplab.errors import ConfigError, DataError
 
 N_DIGITS = 1797
@@ -204,45 +197,6 @@ def test_shuffle_is_reproducible_under_a_seed(digits_default):
     assert torch.equal(epoch_labels(123, epoch=1), epoch_labels(123, epoch=1))
     loader = dm.train_dataloader()  # without set_epoch the epoch counts up by itself
     assert not torch.equal(torch.cat([y for _, y in loader]), torch.cat([y for _, y in loader]))
-
-
-def test_fused_training_blocks_are_the_same_minibatches_gathered_one_by_one(digits_default):
-    """steps_per_call > 1: a training batch is a RowBlock (rows, nothing gathered yet) whose
-    minibatches are the batches of the one-step loader, in the same order."""
-    dm = digits_default
-
-    def epoch(steps_per_call: int) -> list:
-        dm.steps_per_call = steps_per_call
-        try:
-            torch.manual_seed(5)
-            return list(dm.train_dataloader())
-        finally:
-            dm.steps_per_call = 1
-
-    plain, blocks = epoch(1), epoch(4)
-    assert all(isinstance(b, RowBlock) for b in blocks)
-    assert len(blocks) == math.ceil(len(plain) / 4) and [len(b) for b in blocks][:-1] == [4 * 32] * (len(blocks) - 1)
-    x_train = dm.data_train.tensors[0]
-    assert all(b.tensors[0] is x_train for b in blocks)  # the dataset's own tensors: no copy per block
-    minibatches = [mb for b in blocks for mb in b.minibatches(32)]
-    assert len(minibatches) == len(plain)
-    for (x, y), (px, py) in zip(minibatches, plain):
-        assert torch.equal(x, px) and torch.equal(y, py)
-    # convert (the precision plugin's) first, then the transform (augment), per minibatch
-    calls = []
-
-    def convert(batch):
-        calls.append(("convert", len(batch[1])))
-        return batch
-
-    def transform(x):
-        calls.append(("transform", len(x)))
-        return -x
-
-    block = RowBlock(blocks[0].tensors, blocks[0].rows[:40], transform)
-    (x1, y1), (x2, y2) = block.minibatches(32, convert)
-    assert calls == [("convert", 32), ("transform", 32), ("convert", 8), ("transform", 8)]
-    assert torch.equal(x1, -minibatches[0][0]) and torch.equal(y2, minibatches[1][1][:8])
 
 
 def _rank_loaders(dm: DigitsDataModule, stage: str, world: int) -> list[DataLoader]:

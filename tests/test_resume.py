@@ -25,7 +25,7 @@ import re
 
 from mlplab import runs
 from mlplab.cli import EXIT_USER_ERROR, CheckOutputDir, expand_resume, run_job
-from mlplab.data import BatchSliceSampler, DigitsDataModule, RowBlock, split_indices
+from mlplab.data import BatchSliceSampler, DigitsDataModule, split_indices
 from mlplab.errors import CheckpointError, ConfigError, DivergenceError, RunInterrupted
 from mlplab.models import Classifier
 from mlplab.training import fit, train
@@ -213,8 +213,6 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: P
         # Minibatch bad_batch of epoch 1 gets infinite pixels (a non-finite loss), wherever
         # it is: a training batch holds steps_per_call minibatches of dm.batch_size.
         if self.current_epoch == 1:
-            if isinstance(batch, RowBlock):  # a fused block, gathered here to be poisoned
-                batch = tuple(t.index_select(0, batch.rows) for t in batch.tensors)
             first = batch_idx * self.steps_per_call * dm.batch_size  # the batch's first position in the epoch
             rows = torch.arange(first, first + len(batch[0])) // dm.batch_size == bad_batch
             rows = rows.view(-1, *[1] * (batch[0].dim() - 1))

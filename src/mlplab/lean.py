@@ -175,19 +175,20 @@ _malloc_tuned: bool | None = None
 
 
 def reuse_freed_memory() -> bool:
-    """Let glibc's malloc keep freed memory for the next tensors instead of returning it.
+    """Let glibc's malloc reuse freed memory for large tensors instead of asking the OS.
 
-    glibc serves an allocation above a (dynamic) threshold with a fresh ``mmap`` and unmaps
-    it on free, and trims the heap's free top back to the OS above another. Which applies
-    depends on what the process allocated before, so a training step's tensors could be
-    new memory at every step: in some MNIST runs at batch 512 the heap grew for each 1.6 MB
-    minibatch and was trimmed again after it -- 40,000 page faults an epoch, each page
-    zeroed by the kernel, 0.36 s instead of 0.21 s an epoch -- and in other runs of the
-    same code not at all. With allocations up to 32 MiB (glibc's largest threshold) kept
-    on the heap and 256 MiB of free heap kept, every step reuses the same pages (0-1
-    faults an epoch after the first). Peak RSS of an MNIST run: 1213 MB, against 1199 MB.
-    Process-wide and idempotent; returns whether it applied (False off glibc: macOS,
-    Windows, musl).
+    glibc serves an allocation above a (dynamic) threshold with a fresh ``mmap`` and gives
+    it back on free; the heap's free top is trimmed back to the OS too. A fused training
+    block (``steps_per_call x batch_size`` rows: 25 MB at batch 512 on MNIST) was
+    therefore new memory every call: 17,000-30,000 page faults an epoch, each page zeroed
+    by the kernel. Minibatches gathered one by one fare no better: which threshold applies
+    depends on what the process allocated before, and in some runs of the same code the
+    heap grew for each 1.6 MB minibatch (batch 512) and was trimmed after it (40,000
+    faults an epoch; none in other runs). With allocations up to 32 MiB (glibc's largest
+    threshold) kept on the heap and 256 MiB of free heap kept, the same pages serve every
+    step (0-6 faults an epoch). Peak RSS of an MNIST run went from 1200 to 1225 MB in the
+    benchmark. Process-wide and idempotent; returns whether it applied (False off glibc:
+    macOS, Windows, musl).
     """
     global _malloc_tuned
     if _malloc_tuned is None:

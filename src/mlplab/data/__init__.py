@@ -2,21 +2,12 @@
 
 from mlplab.data.digits import DigitsDataModule
 from mlplab.data.toy import MoonsDataModule, XORDataModule
-from mlplab.data.tensor import (
-    BatchSliceSampler,
-    BatchTensorDataset,
-    RowBlock,
-    RowBlockDataset,
-    TensorDataModule,
-    split_indices,
-)
+from mlplab.data.tensor import BatchSliceSampler, BatchTensorDataset, TensorDataModule, split_indices
 from mlplab.data.vision import FashionMNISTDataModule, MNISTDataModule
 
 __all__ = [
     "BatchSliceSampler",
     "BatchTensorDataset",
-    "RowBlock",
-    "RowBlockDataset",
     "TensorDataModule",
     "split_indices",
     "DigitsDataModule",

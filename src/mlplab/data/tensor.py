@@ -21,7 +21,7 @@ counts once in the synced metrics.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import lightning as L
 import torch
@@ -66,58 +66,6 @@ class BatchTensorDataset(Dataset):
             rows = self.order[index]
             return tuple(t.index_select(0, rows) for t in self.tensors)
         return tuple(t[index] for t in self.tensors)
-
-
-class RowBlock:
-    """A training batch of fused steps (``Classifier.fuse_steps``), not gathered yet: the
-    dataset's tensors and the block's rows, in order.
-
-    :meth:`minibatches` gathers each minibatch just before its step takes it. Gathered as
-    one block, the rows had left the CPU's caches by the time a step read them (25 MB at
-    batch 512 on MNIST, and Lightning fetches the next batch before the current one runs):
-    an epoch took 10 % longer than a loop gathering minibatch by minibatch (README, "Speed").
-    ``transform`` (the DataModule's ``augment``) is applied to each minibatch's inputs.
-    """
-
-    __slots__ = ("tensors", "rows", "transform")
-
-    def __init__(self, tensors: tuple[Tensor, ...], rows: Tensor, transform: Callable[[Tensor], Tensor] | None = None) -> None:
-        self.tensors, self.rows, self.transform = tensors, rows, transform
-
-    @property
-    def device(self) -> torch.device:
-        return self.rows.device
-
-    def __len__(self) -> int:
-        return self.rows.size(0)
-
-    def to(self, device: torch.device | str) -> "RowBlock":
-        return RowBlock(tuple(t.to(device) for t in self.tensors), self.rows.to(device), self.transform)
-
-    def minibatches(self, size: int, convert: Callable[[Any], Any] | None = None) -> Iterator[tuple[Tensor, ...]]:
-        """The block's minibatches of ``size`` rows (the last may be short), each gathered when
-        asked for, then passed through ``convert`` (the precision plugin's ``convert_input``)
-        and ``transform``, the order of Lightning's own loop."""
-        for rows in self.rows.split(size):
-            batch = tuple(t.index_select(0, rows) for t in self.tensors)
-            if convert is not None:
-                batch = convert(batch)
-            if self.transform is not None:
-                batch = (self.transform(batch[0]), *batch[1:])
-            yield batch
-
-
-class RowBlockDataset(BatchTensorDataset):
-    """A :class:`BatchTensorDataset` whose slices are :class:`RowBlock` s (training with
-    fused steps): the same rows, gathered later. It shares the tensors of ``dataset``."""
-
-    def __init__(self, dataset: BatchTensorDataset) -> None:
-        super().__init__(*dataset.tensors)
-
-    def __getitem__(self, index: int | slice) -> tuple[Tensor, ...] | RowBlock:  # type: ignore[override]
-        if isinstance(index, slice) and self.order is not None:
-            return RowBlock(self.tensors, self.order[index])
-        return super().__getitem__(index)
 
 
 class BatchSliceSampler(Sampler[slice]):
@@ -320,11 +268,7 @@ class TensorDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=_as_is)
 
     def train_dataloader(self) -> DataLoader:
-        if self.steps_per_call > 1:  # blocks of minibatches, gathered one by one by the training step
-            if self.data_train is None:
-                raise RuntimeError("call setup() before asking for a dataloader")
-            return self._loader(RowBlockDataset(self.data_train), self.batch_size * self.steps_per_call, shuffle=True)
-        return self._loader(self.data_train, self.batch_size, shuffle=True)
+        return self._loader(self.data_train, self.batch_size * self.steps_per_call, shuffle=True)
 
     def train_steps_per_epoch(self) -> int:
         """Minibatches of ``batch_size`` in one training epoch on this rank (call after setup)."""
@@ -339,11 +283,9 @@ class TensorDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+    def on_after_batch_transfer(self, batch: tuple[Tensor, Tensor], dataloader_idx: int) -> tuple[Tensor, Tensor]:
         """Augment training batches (only those) on their device."""
         if self.augment is not None and self.trainer is not None and self.trainer.training:
-            if isinstance(batch, RowBlock):  # each minibatch as it is gathered
-                return RowBlock(batch.tensors, batch.rows, self.augment)
             x, y = batch
             batch = (self.augment(x), y)
         return batch

@@ -12,7 +12,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
-from mlplab.data.tensor import RowBlock
 from mlplab.errors import DivergenceError
 from mlplab.lean import StepHooks, backward_and_step, direct_steps_possible
 from mlplab.models.losses import ClassificationLoss, CrossEntropy
@@ -95,8 +94,6 @@ class Classifier(L.LightningModule):
         # skip Lightning's generic walk over the batch.
         if isinstance(batch, (tuple, list)) and all(isinstance(t, Tensor) and t.device == device for t in batch):
             return batch
-        if isinstance(batch, RowBlock):  # fused steps' block: its rows gathered in the step
-            return batch if batch.device == device else batch.to(device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _step(self, batch: tuple[Tensor, Tensor], stats: EpochStats) -> Tensor:
@@ -189,19 +186,14 @@ class Classifier(L.LightningModule):
         # Each iteration is one optimizer step, counted by Lightning (global_step + 1).
         first_step = step = self.global_step
         last_step = trainer.max_steps if trainer.max_steps >= 0 else math.inf
-        size = self.micro_batch_size
-        if isinstance(batch, RowBlock):  # each minibatch gathered as its step takes it
-            minibatches = batch.minibatches(size, trainer.precision_plugin.convert_input)
-        else:
-            minibatches = zip(batch[0].split(size), batch[1].split(size))
-        losses, outputs, labels = [], [], []
-        for x, y in minibatches:
+        losses, outputs, sizes = [], [], []
+        for x, y in zip(batch[0].split(self.micro_batch_size), batch[1].split(self.micro_batch_size)):
             self._loss_steps.append(step)
             out = net(x)
             loss = criterion(out, y)
             losses.append(loss.detach())
             outputs.append(out.detach())
-            labels.append(y)
+            sizes.append(len(y))
             if hooks is not None:
                 optimizer.optimizer.zero_grad()  # what the wrapper's zero_grad comes down to
                 backward_and_step(loss, optimizer, hooks)
@@ -216,7 +208,7 @@ class Classifier(L.LightningModule):
                 break
         # The block's metrics in one update (each torchmetrics update costs ~15 us of wrapper),
         # and its losses for the divergence guard as one tensor.
-        self.train_stats.update(losses, self.criterion.scores(torch.cat(outputs)), torch.cat(labels), [len(y) for y in labels])
+        self.train_stats.update(losses, self.criterion.scores(torch.cat(outputs)), batch[1][: sum(sizes)], sizes)
         self._losses.append(torch.stack(losses))
         # Lightning's logging step (the x axis of every self.log) counts loop iterations:
         # advance it by the block's extra steps, so that it counts optimizer steps as in
