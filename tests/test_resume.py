@@ -138,6 +138,28 @@ def test_sigterm_then_sigint_then_resume_is_bit_identical(tmp_path: Path, monkey
     _assert_same_as_reference(run_dir, _reference(tmp_path))
 
 
+def test_interrupted_message_survives_an_unreadable_last_ckpt(tmp_path: Path) -> None:
+    """The one-line interruption message reads last.ckpt's epoch; a damaged file is named, not a traceback."""
+    from types import SimpleNamespace
+
+    from mlplab.training import _interrupted
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}})
+    trainer = SimpleNamespace(current_epoch=3)
+    torch.save({"epoch": 2, "state_dict": {}}, ckpts / "last.ckpt")
+    err = _interrupted(cfg, trainer, "SIGTERM")
+    assert str(err).startswith("stopped by SIGTERM in epoch 3: ") and "holds epoch 2, the last completed one" in str(err)
+    (ckpts / "last.ckpt").write_bytes(b"half a checkpoint")
+    err = _interrupted(cfg, trainer, "SIGINT")
+    assert err.signal_name == "SIGINT"
+    assert f"{ckpts / 'last.ckpt'} cannot be read as a checkpoint (kept as it is)" in str(err)
+    assert (ckpts / "last.ckpt").read_bytes() == b"half a checkpoint"
+    (ckpts / "last.ckpt").unlink()
+    assert "no epoch had completed (no last.ckpt)" in str(_interrupted(cfg, trainer, "SIGTERM"))
+
+
 @pytest.mark.slow
 def test_cli_kill_9_between_epochs_then_cli_resume_is_bit_identical(tmp_path: Path) -> None:
     log_dir, run_dir, proc = _start_cli_run(tmp_path, "SIGKILL:1:-1")

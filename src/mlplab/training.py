@@ -262,8 +262,15 @@ def _interrupted(cfg: DictConfig, trainer: L.Trainer, signal_name: str) -> RunIn
     out = OmegaConf.select(cfg, "paths.output_dir", default=None)
     last = Path(out) / "checkpoints" / "last.ckpt" if out else None
     if last is not None and last.is_file():
-        epoch = torch.load(last, map_location="cpu", weights_only=True).get("epoch", "?")
-        saved = f"{last} holds epoch {epoch}, the last completed one"
+        # Read like any checkpoint: an unreadable file must not turn this one line into a traceback.
+        try:
+            ckpt = _torch_load(last)
+        except CheckpointError:
+            ckpt = None
+        if isinstance(ckpt, dict) and "epoch" in ckpt:
+            saved = f"{last} holds epoch {ckpt['epoch']}, the last completed one"
+        else:
+            saved = f"{last} cannot be read as a checkpoint (kept as it is)"
     else:
         saved = "no epoch had completed (no last.ckpt)"
     return RunInterrupted(
