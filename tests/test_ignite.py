@@ -62,3 +62,90 @@ def test_ignite_onecycle_steps_per_batch(tmp_path):
     acc = train(compose_cfg([*QUICK, "engine=ignite", "scheduler=onecycle", "trainer.max_epochs=2",
                              "optimized_metric=test/acc"], tmp_path))
     assert acc > 0.8
+
+
+def test_ignite_divergence_stops_before_that_epochs_checkpoints(tmp_path, monkeypatch):
+    """A non-finite loss in epoch 1: DivergenceError naming the step, epoch 0's checkpoints kept, finite."""
+    import re
+
+    import torch
+
+    import mlplab.ignite_engine as ie
+    from mlplab.errors import DivergenceError
+    from mlplab.training import build_datamodule
+
+    cfg = compose_cfg([*QUICK, "engine=ignite", "trainer.max_epochs=3", "logger=none"], tmp_path / "run")
+    dm = build_datamodule(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    steps_per_epoch = len(dm.train_dataloader())
+    bad_step = steps_per_epoch + 3  # 0-based: the 4th minibatch of epoch 1
+    real_prepare, calls = ie._prepare_batch, [0]
+
+    def poisoned(dm):
+        prepare = real_prepare(dm)
+
+        def prepare_batch(batch, device, non_blocking):
+            x, y = prepare(batch, device, non_blocking)
+            calls[0] += 1
+            return (x * float("inf") if calls[0] - 1 == bad_step else x), y
+
+        return prepare_batch
+
+    monkeypatch.setattr(ie, "_prepare_batch", poisoned)
+    with pytest.raises(DivergenceError) as info:
+        train(cfg)
+    msg = str(info.value)
+    assert re.match(rf"training diverged: non-finite loss at step {bad_step} \(epoch 1, lr \S+ at the epoch's start\); ", msg), msg
+    assert "\n" not in msg
+    assert calls[0] == 2 * steps_per_epoch  # epoch 1 ran to its end, no further
+    ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    # both from epoch 0 (its last step in the name), with finite weights only
+    assert ckpts[0].name.startswith(f"best_model_{steps_per_epoch}_val_acc="), ckpts[0].name
+    assert ckpts[1].name == f"last_checkpoint_{steps_per_epoch}.pt", ckpts[1].name
+    for p in ckpts:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        model = state.get("model", state)
+        assert model and all(torch.isfinite(v).all() for v in model.values())
+
+
+def test_ignite_huge_learning_rate_fails_the_run_in_one_line(tmp_path, capsys):
+    """optimizer.lr=1e6 with engine=ignite through the entry point's run_job: exit 2, one line, no checkpoint."""
+    import re
+
+    from mlplab import runs
+    from mlplab.cli import EXIT_USER_ERROR, run_job
+    from mlplab.training import fit
+
+    out = tmp_path / "logs" / "runs" / "diverged"
+    cfg = compose_cfg([*QUICK, "engine=ignite", "optimizer.lr=1e6"], out)
+    cfg.paths.log_dir = str(tmp_path / "logs")
+    with pytest.raises(SystemExit) as info:
+        run_job(cfg, fit)
+    assert info.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if x.startswith("error:")]
+    assert re.match(r"error: training diverged: non-finite loss at step \d+ \(epoch 0, lr 1e\+06 ", line), line
+    assert "Engine run is terminating" not in err and "Traceback" not in err
+    assert runs.read_run_record(out)["status"] == "failed"
+    assert not list(out.rglob("*.pt"))  # nothing good to keep: it diverged in the first epoch
+
+
+@pytest.mark.parametrize(
+    "override, shown",
+    [
+        ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0"),
+        ("+trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4"),
+        ("+trainer.precision=bf16-mixed", "trainer.precision=bf16-mixed"),
+        ("+trainer.max_steps=10", "trainer.max_steps=10"),
+        ("debug=overfit", "trainer.overfit_batches=3"),
+    ],
+)
+def test_ignite_refuses_lightning_only_trainer_settings(tmp_path, override, shown):
+    """A trainer setting the ignite loop would ignore is a one-line ConfigError before training, not ignored."""
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as info:
+        train(compose_cfg([*QUICK, "engine=ignite", override], out))
+    msg = str(info.value)
+    assert msg.startswith(f"engine=ignite does not implement {shown}; allowed: engine=lightning, or "), msg
+    assert not (out / "checkpoints").exists() and not (out / "tensorboard").exists()

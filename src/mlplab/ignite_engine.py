@@ -5,7 +5,9 @@ engine; ignite's ``create_supervised_trainer`` / ``create_supervised_evaluator``
 loop, ignite's ``TensorboardLogger`` writes the same scalar names (``train/loss``,
 ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_best``, ``test/loss``, ``test/acc``)
 against the global step, and ignite's ``Checkpoint`` keeps the best (by ``val/acc``) and
-last weights. The best weights are tested at the end, as with Lightning.
+last weights. The best weights are tested at the end, as with Lightning. A run that
+diverges (a non-finite training loss or weight) stops with :class:`DivergenceError` at
+the end of that epoch, before its validation and checkpoints, as with Lightning.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ignite.metrics import Accuracy, Loss
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mlplab.errors import ConfigError
+from mlplab.errors import ConfigError, DivergenceError
 from mlplab.models.classifier import build_scheduler
 from mlplab.training import build_loss
 from mlplab.hparams import HPARAM_METRICS, flat_hparams, write_hparams_summary
@@ -44,6 +46,33 @@ def _device(cfg: DictConfig) -> torch.device:
     return torch.device("cuda")
 
 
+#: Lightning Trainer settings that change training and that the ignite loop does not
+#: implement, with the values that mean "off": any other value is refused, not ignored.
+#: (``check_val_every_n_epoch`` only saves time: the ignite loop validates every epoch.)
+_LIGHTNING_ONLY = {
+    "gradient_clip_val": (None, 0, 0.0),
+    "accumulate_grad_batches": (None, 1),
+    "precision": (None, 32, "32", "32-true"),
+    "max_steps": (None, -1),
+    "limit_train_batches": (None, 1, 1.0),
+    "limit_val_batches": (None, 1, 1.0),
+    "limit_test_batches": (None, 1, 1.0),
+    "overfit_batches": (None, 0, 0.0),
+    "val_check_interval": (None, 1, 1.0),
+}
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    """Refuse a ``trainer.*`` setting the ignite loop would silently ignore."""
+    for key, off in _LIGHTNING_ONLY.items():
+        value = OmegaConf.select(cfg, f"trainer.{key}", default=None)
+        if not any(value == v and type(value) is not bool for v in off):
+            raise ConfigError(
+                f"engine=ignite does not implement trainer.{key}={value}; allowed: engine=lightning, "
+                f"or trainer.{key} left at {off[1]!r}"
+            )
+
+
 def _prepare_batch(dm) -> Callable:
     """ignite's batch preparation plus the DataModule's training augmentation (if any)."""
 
@@ -54,12 +83,35 @@ def _prepare_batch(dm) -> Callable:
     return prepare
 
 
+def _no_exception_echo(record: logging.LogRecord) -> bool:
+    """Drop ignite's "Engine run is terminating due to exception" log line: the exception
+    propagates, and the entry point reports it once (a user error as its one line)."""
+    return not record.getMessage().startswith("Engine run is terminating due to exception")
+
+
+def _check_finite(net: nn.Module, losses: list[torch.Tensor], engine: Engine, lr: float) -> None:
+    """Raise :class:`DivergenceError` if a loss of this epoch or a weight is not finite
+    (one host sync an epoch). The message is the Lightning engine's, the step 0-based."""
+    bad = torch.stack(losses).isfinite().logical_not() if losses else None
+    if bad is not None and bool(bad.any()):
+        where = f"loss at step {engine.state.iteration - len(losses) + int(bad.nonzero()[0])}"
+    elif not all(bool(p.detach().isfinite().all()) for p in net.parameters()):
+        where = f"weights by step {engine.state.iteration}"
+    else:
+        return
+    raise DivergenceError(
+        f"training diverged: non-finite {where} (epoch {engine.state.epoch - 1}, lr {lr:.6g} at the epoch's start); "
+        "the last good checkpoint is kept; allowed: a smaller optimizer.lr"
+    )
+
+
 def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] | None = None) -> dict[str, float]:
     """Train ``net`` on ``dm`` with ignite; returns the final metrics (val/acc_best, test/acc, ...).
 
     ``epoch_seconds``, if given, receives each epoch's wall time (training + validation).
     """
     device = _device(cfg)
+    _check_trainer(cfg)
     out_dir = Path(cfg.paths.output_dir)
     max_epochs = int(cfg.trainer.max_epochs)
     dm.prepare_data()
@@ -75,16 +127,22 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
     def metrics() -> dict:  # accuracy on class scores, the loss on the net's raw outputs
         return {"acc": Accuracy(output_transform=lambda o: (criterion.scores(o[0]), o[1])), "loss": Loss(criterion)}
 
+    # The epoch's losses, kept on the device for the divergence check (no sync per step).
+    losses: list[torch.Tensor] = []
+
+    def output(x, y, y_pred, loss):
+        losses.append(loss.detach())
+        return y_pred.detach(), y
+
     trainer = create_supervised_trainer(
-        net, optimizer, criterion, device=device,
-        output_transform=lambda x, y, y_pred, loss: (y_pred.detach(), y),
-        prepare_batch=_prepare_batch(dm),
+        net, optimizer, criterion, device=device, output_transform=output, prepare_batch=_prepare_batch(dm),
     )
     for name, metric in metrics().items():
         metric.attach(trainer, name)
     evaluator = create_supervised_evaluator(net, metrics=metrics(), device=device)
     for engine in (trainer, evaluator):
         engine.logger.setLevel(logging.WARNING)  # no "Engine run starting" per evaluation
+        engine.logger.addFilter(_no_exception_echo)
     best = {"val/acc_best": float("-inf")}
 
     tb = TensorboardLogger(log_dir=str(out_dir / "tensorboard"))
@@ -106,13 +164,17 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
     if scheduler is not None and interval == "step":
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
     epoch_start = [0.0]
+    epoch_lr = [float("nan")]
 
     @trainer.on(Events.EPOCH_STARTED)
     def start_clock(engine: Engine) -> None:
         epoch_start[0] = time.perf_counter()
+        epoch_lr[0] = optimizer.param_groups[0]["lr"]
+        losses.clear()
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def validate(engine: Engine) -> None:
+        _check_finite(net, losses, engine, epoch_lr[0])
         evaluator.run(dm.val_dataloader())
         best["val/acc_best"] = max(best["val/acc_best"], evaluator.state.metrics["acc"])
         tb.writer.add_scalar("val/acc_best", best["val/acc_best"], engine.state.iteration)
@@ -123,7 +185,11 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
         if epoch_seconds is not None:
             epoch_seconds.append(time.perf_counter() - epoch_start[0])
 
-    trainer.run(dm.train_dataloader(), max_epochs=max_epochs)
+    try:
+        trainer.run(dm.train_dataloader(), max_epochs=max_epochs)
+    except DivergenceError:
+        tb.close()
+        raise
     result = {f"train/{k}": float(v) for k, v in trainer.state.metrics.items()}
     result.update({f"val/{k}": float(v) for k, v in evaluator.state.metrics.items()})
     result["val/acc_best"] = best["val/acc_best"]
