@@ -24,6 +24,14 @@ class CheckpointError(MlplabError):
 class DivergenceError(MlplabError):
     """Training produced a non-finite loss or weights; the run stops, checkpoints stay good."""
 
+    @classmethod
+    def training(cls, where: str, epoch: int, lr: float, allowed: str) -> "DivergenceError":
+        """The one message both engines give: ``where`` ("loss at step 12"), the epoch, its start lr."""
+        return cls(
+            f"training diverged: non-finite {where} (epoch {epoch}, lr {lr:.6g} at the epoch's start); "
+            f"the last good checkpoint is kept; allowed: {allowed}"
+        )
+
 
 class RunInterrupted(MlplabError):
     """SIGINT or SIGTERM stopped a run; ``last.ckpt`` holds the last completed epoch."""

@@ -91,7 +91,7 @@ def _no_exception_echo(record: logging.LogRecord) -> bool:
 
 def _check_finite(net: nn.Module, losses: list[torch.Tensor], engine: Engine, lr: float) -> None:
     """Raise :class:`DivergenceError` if a loss of this epoch or a weight is not finite
-    (one host sync an epoch). The message is the Lightning engine's, the step 0-based."""
+    (one host sync an epoch). The Lightning engine's message, the step 0-based."""
     bad = torch.stack(losses).isfinite().logical_not() if losses else None
     if bad is not None and bool(bad.any()):
         where = f"loss at step {engine.state.iteration - len(losses) + int(bad.nonzero()[0])}"
@@ -99,10 +99,7 @@ def _check_finite(net: nn.Module, losses: list[torch.Tensor], engine: Engine, lr
         where = f"weights by step {engine.state.iteration}"
     else:
         return
-    raise DivergenceError(
-        f"training diverged: non-finite {where} (epoch {engine.state.epoch - 1}, lr {lr:.6g} at the epoch's start); "
-        "the last good checkpoint is kept; allowed: a smaller optimizer.lr"
-    )
+    raise DivergenceError.training(where, engine.state.epoch - 1, lr, allowed="a smaller optimizer.lr")
 
 
 def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] | None = None) -> dict[str, float]:

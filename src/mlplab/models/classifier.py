@@ -121,11 +121,9 @@ class Classifier(L.LightningModule):
             return
         first = losses_bad.nonzero()
         where = f"loss at step {self._loss_steps[int(first[0])]}" if len(first) else f"weights by step {self.global_step}"
-        raise DivergenceError(
-            f"training diverged: non-finite {where} (epoch {self.current_epoch}, lr {self._epoch_lr:.6g} "
-            "at the epoch's start); "
-            "the last good checkpoint is kept; allowed: a smaller optimizer.lr (or gradient clipping, "
-            "trainer.gradient_clip_val)"
+        raise DivergenceError.training(
+            where, self.current_epoch, self._epoch_lr,
+            allowed="a smaller optimizer.lr (or gradient clipping, trainer.gradient_clip_val)",
         )
 
     def _log_epoch(self, stage: str, stats: EpochStats) -> Tensor:
