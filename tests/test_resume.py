@@ -47,7 +47,12 @@ TRAIN_ARGS = [
 def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     ea = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
     ea.Reload()
-    return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
+    # In the order written: a run's test stage writes a second event file (Lightning reopens
+    # its writer), and EventAccumulator reads files by name, where uid 10 sorts before 9.
+    return {
+        tag: [(e.step, e.value) for e in sorted(ea.Scalars(tag), key=lambda e: e.wall_time)]
+        for tag in ea.Tags()["scalars"]
+    }
 
 
 def _last_line(stderr: str) -> str:
