@@ -21,6 +21,10 @@ class CheckpointError(MlplabError):
     """A checkpoint path is missing, unreadable or not an mlplab checkpoint."""
 
 
+class StorageError(MlplabError):
+    """A file could not be written: a full disk, a read-only folder."""
+
+
 class DivergenceError(MlplabError):
     """Training produced a non-finite loss or weights; the run stops, checkpoints stay good."""
 

@@ -1,0 +1,128 @@
+"""Atomic writes that follow no symlink: whole or absent, never through a planted link.
+
+Every file mlplab writes for keeps (checkpoints, ``run.json``, sweep summaries, extracted
+data) goes through :func:`atomic_write`: the content is written to a new temporary file
+beside the target, created exclusively (``O_CREAT | O_EXCL``, so a file or symlink planted
+under a predictable name is never opened), then renamed over the target. ``rename``
+replaces a symlink at the target itself rather than writing through it. A failed write
+removes its temporary file; a full disk is one :class:`~mlplab.errors.StorageError` line.
+
+Temporary files are named ``.<target name>.<random>.partial``; one left behind by a killed
+process is removed by :func:`remove_stale_partials` when its run dir is used again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from mlplab.errors import StorageError
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def storage_error(err: OSError, path: Path) -> StorageError:
+    """One line for an OSError while writing ``path``: the disk and its free space when it is full."""
+    folder = path.parent
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
+        except OSError:
+            free = "free space unknown"
+        return StorageError(
+            f"the disk holding {folder} is full ({free}) while writing {path.name}; the partial file was removed "
+            "and earlier files are intact; allowed: free space there, or write elsewhere (paths.log_dir=...)"
+        )
+    return StorageError(f"cannot write {path} ({err.strerror or err}); allowed: a writable folder")
+
+
+@contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new, exclusively created temporary path beside ``target``; rename it onto ``target`` on success.
+
+    The writer fills the yielded path (it exists, empty). On any exception the temporary
+    file is removed; an ``OSError`` is re-raised as :class:`StorageError`.
+    """
+    target = Path(target)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=target.parent)
+    except OSError as err:
+        raise storage_error(err, target) from None
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; keep the usual permissions
+        yield tmp
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(err, target) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` fills a fresh temporary file, which then replaces ``target``; returns ``target``."""
+    with atomic_path(target) as tmp:
+        write(tmp)
+    return Path(target)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
+    return atomic_write(target, lambda tmp: tmp.write_text(text))
+
+
+def atomic_link(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Make ``target`` a hard link to ``source``, atomically (a fresh link name, then rename)."""
+    target = Path(target)
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.{os.urandom(4).hex()}{PARTIAL_SUFFIX}")
+        try:
+            os.link(source, tmp)  # fails if tmp exists: never reuses a planted name
+        except FileExistsError:
+            continue
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(target))
+
+
+def is_partial(path: Path) -> bool:
+    """A temporary file of :func:`atomic_path` (or the older ``<name>.partial`` form)."""
+    return path.name.endswith(PARTIAL_SUFFIX)
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Remove the ``*.partial`` files (and symlinks) directly in ``folder``, left by a killed write.
+
+    Only names of that form are touched, never a directory; returns what was removed.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        path = Path(entry.path)
+        if is_partial(path) and not entry.is_dir(follow_symlinks=False):
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
