@@ -41,6 +41,7 @@ from mlplab.lean import NullProfiler, denormals_flushed, reuse_freed_memory, tri
 from mlplab.models import ClassificationLoss, Classifier, CrossEntropy
 from mlplab.numpy_net import NumpyMLP
 from mlplab.runs import mark_training_started
+from mlplab.trust import check_stored_config
 from mlplab.validation import positive_int
 
 log = logging.getLogger(__name__)
@@ -295,23 +296,34 @@ def _load_checkpoint(ckpt_path: Path) -> dict:
     return ckpt
 
 
-def check_checkpoint_fits(ckpt_path: Path, model: torch.nn.Module) -> None:
-    """Refuse a checkpoint whose net has other parameter names or shapes than ``model``'s."""
-    ckpt = _load_checkpoint(ckpt_path)
-    theirs = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+def check_checkpoint_fits(ckpt_path: Path, model: torch.nn.Module, ckpt: dict | None = None) -> None:
+    """Refuse a checkpoint whose net has other parameter names or shapes than ``model``'s, or non-finite weights."""
+    ckpt = ckpt if ckpt is not None else _load_checkpoint(ckpt_path)
+    state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    theirs = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("net.")}
-    if theirs == ours:
-        return
-    diff = next((k for k in ours if theirs.get(k) != ours[k]), None) or next(k for k in theirs if k not in ours)
-    config = ckpt.get("hyper_parameters", {}).get("config") or {}
-    trained = (
-        f"model {config.get('model', {}).get('_target_', '?')} on {config.get('data', {}).get('_target_', '?')}"
-    )
-    raise CheckpointError(
-        f"ckpt_path={ckpt_path} does not fit this model and data: {diff} is {list(theirs[diff]) if diff in theirs else 'absent'} "
-        f"there, {list(ours[diff]) if diff in ours else 'absent'} here (the checkpoint has {trained}); "
-        "allowed: a checkpoint of the same model and data"
-    )
+    if theirs != ours:
+        diff = next((k for k in ours if theirs.get(k) != ours[k]), None) or next(k for k in theirs if k not in ours)
+        config = ckpt.get("hyper_parameters", {}).get("config") or {}
+        config = config if isinstance(config, dict) else {}
+        trained = f"model {_stored_target(config, 'model')} on {_stored_target(config, 'data')}"
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path} does not fit this model and data: {diff} is "
+            f"{list(theirs[diff]) if theirs.get(diff) is not None else 'absent'} there, "
+            f"{list(ours[diff]) if diff in ours else 'absent'} here (the checkpoint has {trained}); "
+            "allowed: a checkpoint of the same model and data"
+        )
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())), None)
+    if bad is not None:
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path} holds non-finite weights ({bad} has NaN or inf), so its results would be "
+            "meaningless; allowed: a checkpoint of a run that did not diverge"
+        )
+
+
+def _stored_target(config: dict, section: str) -> str:
+    node = config.get(section)
+    return str(node.get("_target_", "?")) if isinstance(node, dict) else "?"
 
 
 @rank_zero_only
@@ -319,12 +331,14 @@ def _report(metrics: dict[str, float], cfg: DictConfig) -> None:
     print(_summary(metrics, OmegaConf.select(cfg, "paths.output_dir", default=None)), flush=True)
 
 
-def load_checkpoint_config(ckpt_path: Path) -> dict:
-    """The training config stored in an mlplab checkpoint."""
-    ckpt = _torch_load(ckpt_path)
+def load_checkpoint_config(ckpt_path: Path, ckpt: dict | None = None) -> dict:
+    """The training config stored in an mlplab checkpoint, checked before anything is built from it
+    (:func:`mlplab.trust.check_stored_config`: only mlplab's own config-group classes)."""
+    ckpt = ckpt if ckpt is not None else _torch_load(ckpt_path)
     config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
     if not isinstance(config, dict) or "data" not in config or "model" not in config:
         raise CheckpointError(f"ckpt_path={ckpt_path} is not an mlplab checkpoint (no stored run config)")
+    check_stored_config(config, f"ckpt_path={ckpt_path}")
     return config
 
 
@@ -338,7 +352,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = validate_ckpt_path("ckpt_path", cfg.get("ckpt_path"))
     validate_trainer(cfg)
     validate_hardware(cfg)
-    stored = OmegaConf.create(load_checkpoint_config(ckpt_path))
+    ckpt = _load_checkpoint(ckpt_path)
+    stored = OmegaConf.create(load_checkpoint_config(ckpt_path, ckpt))
     data_cfg = stored.data
     # Machine-specific data settings (data_dir, batch sizes) come from this command line.
     for key, value in (cfg.get("data") or {}).items():
@@ -347,7 +362,10 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     dm = build_datamodule(data_cfg)
     dm.check_available()
     net = build_net(stored.model, dm)
-    model = Classifier.load_from_checkpoint(ckpt_path, map_location="cpu", net=net, loss=build_loss(stored), weights_only=True)
+    loss = build_loss(stored)
+    check_checkpoint_fits(ckpt_path, Classifier(net=net, num_classes=dm.num_classes, loss=loss), ckpt)
+    del ckpt
+    model = Classifier.load_from_checkpoint(ckpt_path, map_location="cpu", net=net, loss=loss, weights_only=True)
 
     loggers = _instantiate_group(cfg.get("logger"), "logger")
     trainer: L.Trainer = instantiate(
