@@ -8,20 +8,25 @@ behind that a later run could take for good.
 
 from __future__ import annotations
 
+import builtins
+import errno
 import gzip
+import io
+import os
 import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from torchvision.datasets import MNIST
 
-from conftest import QUICK, compose_cfg, write_tiny_mnist
+from conftest import QUICK, compose_cfg, run_cli, write_tiny_mnist
 from mlplab.data import MNISTDataModule
 from mlplab.errors import DataError
 from mlplab.models import Classifier
-from mlplab.training import train
+from mlplab.training import fit, train
 
 IMAGES, LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
 
@@ -83,6 +88,20 @@ def test_a_truncated_archive_is_refused_and_leaves_no_extracted_file(tmp_path):
     assert not (gz.parent / IMAGES).exists()
     assert not list(gz.parent.glob("*.partial"))
 
+
+
+def test_extraction_never_writes_through_a_symlink_planted_at_a_predictable_name(tmp_path):
+    from test_atomic import assert_sentinel_untouched, plant_symlinks
+
+    arrays = write_tiny_mnist(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    sentinels = [plant_symlinks(raw, n.removesuffix(".gz"), tmp_path / f"outside{i}") for i, n in enumerate(arrays)]
+    MNISTDataModule(data_dir=str(tmp_path), download=False, val_size=10).setup()
+    for name, array in arrays.items():
+        extracted = raw / name.removesuffix(".gz")
+        assert not extracted.is_symlink() and extracted.read_bytes()[-array.size:] == array.tobytes()
+    for sentinel in sentinels:
+        assert_sentinel_untouched(sentinel)
 
 @pytest.fixture
 def real_mnist(real_data_dir, tmp_path) -> Path:
@@ -146,3 +165,147 @@ def test_training_never_starts_on_bad_data(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"train-labels-idx1-ubyte has label 12; allowed: 0\.\.9"):
         train(cfg)
     assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+# -- the disk: read-only folders, unreadable files, a directory where a file belongs ------------
+
+
+def _refuse_writes_in(monkeypatch: pytest.MonkeyPatch, folder: Path, err: int) -> None:
+    """What a non-root process sees in ``folder`` on a read-only mount (EROFS) or without write
+    permission (EACCES): every create, write, rename, link and unlink there fails. Tests run as
+    root in CI, where ``chmod`` alone stops nothing."""
+    folder = folder.resolve()
+
+    def inside(path) -> bool:
+        return Path(os.path.abspath(path)).parent == folder
+
+    def refused(path):
+        return OSError(err, os.strerror(err), str(path))
+
+    real_open, real_io_open = os.open, io.open
+
+    def os_open(path, flags, *args, **kwargs):
+        if inside(path) and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
+            raise refused(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def py_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and inside(file) and set(mode) & set("wax+"):
+            raise refused(file)
+        return real_io_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", py_open)
+    monkeypatch.setattr(io, "open", py_open)
+    for name in ("replace", "rename", "link", "symlink", "mkdir", "remove", "unlink"):
+        real = getattr(os, name)
+
+        def refuse_inside(*args, _real=real, _name=name, **kwargs):
+            paths = args[:2] if _name in ("replace", "rename", "link", "symlink") else args[:1]
+            target = paths[-1]
+            if inside(target):
+                if _name in ("remove", "unlink") and err == errno.EACCES and not os.path.lexists(target):
+                    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(target))
+                raise refused(target)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, refuse_inside)
+
+
+@pytest.fixture
+def read_only_raw(tmp_path, monkeypatch):
+    """A folder of tiny MNIST archives only, read-only (``chmod 0o555``, and simulated as root)."""
+    arrays = write_tiny_mnist(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.chmod(0o555)
+    yield raw, arrays, lambda err: _refuse_writes_in(monkeypatch, raw, err)
+    raw.chmod(0o755)
+
+
+@pytest.mark.parametrize("err", [errno.EROFS, errno.EACCES], ids=["read-only mount", "no write permission"])
+def test_a_read_only_folder_of_archives_is_read_in_memory_and_left_as_it_is(read_only_raw, err, caplog):
+    raw, arrays, refuse_writes = read_only_raw
+    refuse_writes(err)
+    before = sorted(os.listdir(raw))
+    dm = MNISTDataModule(data_dir=str(raw.parents[1]), download=False, val_size=10)
+    with caplog.at_level("INFO", logger="mlplab.data.vision"):
+        dm.prepare_data()  # as Lightning calls it, then load() in setup()
+        _x_pool, y_pool, x_t, y_t = dm.load()
+    assert sorted(os.listdir(raw)) == before == sorted(arrays)  # nothing written, nothing left behind
+    assert torch.equal(y_pool, torch.as_tensor(arrays["train-labels-idx1-ubyte.gz"], dtype=torch.long))
+    assert torch.equal(y_t, torch.as_tensor(arrays["t10k-labels-idx1-ubyte.gz"], dtype=torch.long))
+    expected = torch.as_tensor(arrays["t10k-images-idx3-ubyte.gz"]).unsqueeze(1).float() / 255
+    assert torch.equal(x_t, expected)
+    assert f"{raw}: reading train-images-idx3-ubyte.gz in memory for this run" in caplog.text
+
+
+def test_training_on_a_read_only_folder_of_archives_works(read_only_raw, tmp_path):
+    raw, _arrays, refuse_writes = read_only_raw
+    refuse_writes(errno.EROFS)
+    cfg = compose_cfg(
+        QUICK + ["logger=none", "data=mnist", f"data.data_dir={raw.parents[1]}", "data.download=false", "data.val_size=10"],
+        tmp_path / "run",
+    )
+    metrics = fit(cfg)
+    assert metrics["epochs"] == 1 and 0.0 <= metrics["test/acc"] <= 1.0
+    assert sorted(os.listdir(raw)) == sorted(RAW_GZ)
+
+
+RAW_GZ = [f"{n}.gz" for n in (IMAGES, LABELS, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+
+
+def _deny_reading(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    """``path`` unreadable: ``chmod 0``, and as root (which reads anyway) every open of it refused."""
+    path.chmod(0)
+    real_io_open = io.open
+
+    def py_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(os.path.abspath(file)) == path.resolve():
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_io_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", py_open)
+    monkeypatch.setattr(io, "open", py_open)
+
+
+@pytest.mark.parametrize("name", [LABELS, f"{LABELS}.gz"], ids=["extracted file", "archive"])
+def test_an_unreadable_data_file_is_one_line_naming_it(tmp_path, monkeypatch, name):
+    write_tiny_mnist(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    if not name.endswith(".gz"):
+        (raw / name).write_bytes(gzip.decompress((raw / f"{name}.gz").read_bytes()))
+    _deny_reading(monkeypatch, raw / name)
+    before = sorted(os.listdir(raw))
+    msg = _setup_error(tmp_path)
+    assert msg == f"cannot read {raw / name} (Permission denied); allowed: a file this user can read", msg
+    assert sorted(p for p in os.listdir(raw) if not p.endswith("-ubyte")) == sorted(p for p in before if not p.endswith("-ubyte"))
+    assert not list(raw.glob("*.partial")) and not list(raw.glob(".*"))
+    (raw / name).chmod(0o644)
+
+
+def test_a_directory_where_an_extracted_file_belongs_is_one_line_and_nothing_is_left_behind(tmp_path):
+    write_tiny_mnist(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    (raw / IMAGES).mkdir()
+    (raw / IMAGES / "keep.txt").write_text("someone's file")
+    msg = _setup_error(tmp_path)
+    assert msg == f"{raw / IMAGES} is a directory, not a data file; allowed: remove or rename it", msg
+    assert sorted(os.listdir(raw)) == sorted([*RAW_GZ, IMAGES])  # no partial file, nothing extracted
+    assert os.listdir(raw / IMAGES) == ["keep.txt"]
+
+
+@pytest.mark.slow  # a CLI subprocess: about 20 s on 2 busy cores
+def test_cli_a_directory_where_a_data_file_belongs_exits_2_with_one_line(tmp_path):
+    write_tiny_mnist(tmp_path / "data")
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    (raw / IMAGES).mkdir()
+    proc = run_cli(
+        "train",
+        [*QUICK, "logger=none", "data=mnist", "data.download=false", "data.val_size=10", f"paths.log_dir={tmp_path / 'logs'}"],
+        cwd=tmp_path,
+        env={"MLPLAB_ROOT": str(tmp_path), "MLPLAB_DATA_DIR": str(tmp_path / "data")},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {raw / IMAGES} is a directory, not a data file; allowed: remove or rename it"
+    assert sorted(os.listdir(raw)) == sorted([*RAW_GZ, IMAGES])

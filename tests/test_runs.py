@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from conftest import run_cli
 from mlplab import runs
 from mlplab.cli import EXIT_USER_ERROR, run_job
-from mlplab.errors import ConfigError
+from mlplab.errors import ConfigError, StorageError
 
 CLI_QUICK = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false",
              "trainer.max_epochs=1"]
@@ -115,3 +115,29 @@ def test_cli_multirun_records_a_failing_job_and_goes_on(tmp_path):
     assert ok["status"] == "ok" and ok["error"] is None and ok["epochs"] == 1
     assert 0.3 < ok["metrics"]["test/acc"] <= 1.0 and ok["metrics"]["val/acc_best"] == ok["metrics"]["val/acc"]
     assert (Path(ok["output_dir"]) / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_the_record_never_follows_a_planted_symlink(tmp_path):
+    from test_atomic import assert_sentinel_untouched, plant_symlinks
+
+    out = tmp_path / "run"
+    sentinel = plant_symlinks(out, runs.RUN_FILE, tmp_path / "outside")
+    (out / runs.RUN_FILE).symlink_to(sentinel)
+    runs.write_run_record(out, {"status": "ok"})
+    assert not (out / runs.RUN_FILE).is_symlink()
+    assert runs.read_run_record(out) == {"status": "ok"}
+    assert_sentinel_untouched(sentinel)
+
+
+def test_a_full_disk_while_writing_the_record_is_one_line_and_keeps_the_old_record(tmp_path, monkeypatch):
+    from test_atomic import disk_full_after
+
+    out = tmp_path / "run"
+    runs.write_run_record(out, {"status": "interrupted"})
+    disk_full_after(monkeypatch, out, nbytes=10)
+    with pytest.raises(StorageError) as info:
+        runs.write_run_record(out, {"status": "ok", "metrics": {"val/acc_best": 0.5}})
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"the disk holding {out} is full (") and "run.json" in msg, msg
+    assert runs.read_run_record(out) == {"status": "interrupted"}
+    assert sorted(p.name for p in out.iterdir()) == [runs.RUN_FILE]

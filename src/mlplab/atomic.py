@@ -8,7 +8,8 @@ replaces a symlink at the target itself rather than writing through it. A failed
 removes its temporary file; a full disk is one :class:`~mlplab.errors.StorageError` line.
 
 Temporary files are named ``.<target name>.<random>.partial``; one left behind by a killed
-process is removed by :func:`remove_stale_partials` when its run dir is used again.
+process is removed by :func:`remove_stale_partials` when its folder is used again (as are the
+``<name>.partial`` files of older versions).
 """
 
 from __future__ import annotations
@@ -32,19 +33,38 @@ def _umask() -> int:
     return mask
 
 
+#: errnos of a folder this process may not write into (read-only mount, permissions).
+READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 def storage_error(err: OSError, path: Path) -> StorageError:
-    """One line for an OSError while writing ``path``: the disk and its free space when it is full."""
+    """One line for an OSError while writing ``path``: the disk and its free space when it is full.
+
+    The returned error's ``errno`` attribute is ``err.errno`` (callers tell a read-only
+    folder from a full disk by it).
+    """
     folder = path.parent
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         try:
             free = f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free"
         except OSError:
             free = "free space unknown"
-        return StorageError(
+        error = StorageError(
             f"the disk holding {folder} is full ({free}) while writing {path.name}; the partial file was removed "
             "and earlier files are intact; allowed: free space there, or write elsewhere (paths.log_dir=...)"
         )
-    return StorageError(f"cannot write {path} ({err.strerror or err}); allowed: a writable folder")
+    else:
+        error = StorageError(f"cannot write {path} ({err.strerror or err}); allowed: a writable folder")
+    error.errno = err.errno
+    return error
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file; a failure to do so must not hide the error being raised."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 @contextmanager
@@ -59,17 +79,19 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=target.parent)
     except OSError as err:
         raise storage_error(err, target) from None
-    os.close(fd)
     tmp = Path(name)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; keep the usual permissions
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; keep the usual permissions
+        finally:
+            os.close(fd)
         yield tmp
         os.replace(tmp, target)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise storage_error(err, target) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
 
 
@@ -80,8 +102,24 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], object]) -> 
     return Path(target)
 
 
+def atomic_write_bytes(target: str | os.PathLike, data: bytes | bytearray | memoryview) -> Path:
+    """Write ``data`` as ``target``, atomically; returns ``target``."""
+
+    def write(tmp: Path) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+    return atomic_write(target, write)
+
+
 def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
-    return atomic_write(target, lambda tmp: tmp.write_text(text))
+    """Write ``text`` (UTF-8) as ``target``, atomically; returns ``target``."""
+    return atomic_write_bytes(target, text.encode())
 
 
 def atomic_link(source: str | os.PathLike, target: str | os.PathLike) -> None:
@@ -96,7 +134,7 @@ def atomic_link(source: str | os.PathLike, target: str | os.PathLike) -> None:
         try:
             os.replace(tmp, target)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise
         return
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(target))
@@ -108,21 +146,27 @@ def is_partial(path: Path) -> bool:
 
 
 def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
-    """Remove the ``*.partial`` files (and symlinks) directly in ``folder``, left by a killed write.
+    """Remove the ``*.partial`` files and symlinks directly in ``folder``, left by a killed write.
 
-    Only names of that form are touched, never a directory; returns what was removed.
+    Both namings count: ``.<name>.<random>.partial`` (:func:`atomic_path`) and the
+    ``<name>.partial`` of older versions. Only names of that form are touched, never a
+    directory (nor what a symlink points to); returns what was removed.
     """
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return removed
     for entry in entries:
         path = Path(entry.path)
-        if is_partial(path) and not entry.is_dir(follow_symlinks=False):
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            continue
+        if is_partial(path) and not is_dir:
             try:
                 path.unlink()
-                removed.append(path)
             except OSError:
-                pass
+                continue
+            removed.append(path)
     return removed

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mlplab.atomic import atomic_write_text, storage_error
+
 RUN_FILE = "run.json"
 
 _started = False
@@ -39,13 +41,17 @@ def reset_training_started() -> None:
 
 
 def write_run_record(output_dir: str | os.PathLike, record: dict[str, Any]) -> Path:
-    """Write ``record`` as ``<output_dir>/run.json`` atomically (a reader never sees half a file)."""
+    """Write ``record`` as ``<output_dir>/run.json`` atomically (a reader never sees half a file).
+
+    Through :func:`mlplab.atomic.atomic_write_text`: no planted symlink is written through,
+    and a full disk or read-only folder is one :class:`~mlplab.errors.StorageError` line.
+    """
     path = Path(output_dir) / RUN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{RUN_FILE}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise storage_error(err, path) from None
+    return atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def read_run_record(job_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import re
 import sys
@@ -30,6 +31,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mlplab.atomic import atomic_write_bytes, atomic_write_text
+from mlplab.errors import StorageError
 from mlplab.runs import RUN_FILE, read_run_record
 
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
@@ -196,7 +199,8 @@ def markdown(summary: Summary) -> str:
 
 
 def write_csv(summary: Summary, path: Path) -> None:
-    with path.open("w", newline="") as f:
+    """The table as CSV, written atomically (:mod:`mlplab.atomic`)."""
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["job", "status", "error", *summary.metrics, "epochs", "wall_s", "overrides", "output_dir"])
         for row in summary.rows:
@@ -210,6 +214,7 @@ def write_csv(summary: Summary, path: Path) -> None:
                 " ".join(row.overrides),
                 row.output_dir,
             ])
+        atomic_write_text(path, f.getvalue())
 
 
 def plot(summary: Summary, path: Path) -> None:
@@ -235,16 +240,31 @@ def plot(summary: Summary, path: Path) -> None:
     ax.set_xlim(0, max([1.0, *finite]) * 1.12 if "acc" in summary.metric else max([1e-9, *finite]) * 1.25)
     ax.set_xlabel(summary.metric)
     ax.set_title(f"{summary.metric} per job: sweep {summary.sweep_dir.name}", fontsize=10)
-    fig.savefig(path, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
+    atomic_write_bytes(path, image.getbuffer())
 
 
 def write_summary(sweep_dir: str | Path, metric: str = "val/acc_best") -> Summary:
-    """Write ``summary.csv``, ``summary.md`` and ``summary.png`` into ``sweep_dir``; returns the summary."""
+    """Write ``summary.csv``, ``summary.md`` and ``summary.png`` into ``sweep_dir``; returns the summary.
+
+    Each file is written atomically (a fresh temporary file, then rename); a full disk is
+    one :class:`~mlplab.errors.StorageError` line.
+    """
     summary = collect(sweep_dir, metric)
     write_csv(summary, summary.sweep_dir / "summary.csv")
-    (summary.sweep_dir / "summary.md").write_text(markdown(summary))
+    atomic_write_text(summary.sweep_dir / "summary.md", markdown(summary))
     plot(summary, summary.sweep_dir / "summary.png")
     return summary
+
+
+def _write_summary_or_exit(sweep_dir: Path, metric: str) -> Summary:
+    """:func:`write_summary`; a file it cannot write (a full disk) is one line and exit 2."""
+    try:
+        return write_summary(sweep_dir, metric)
+    except StorageError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def report(summary: Summary) -> str:
@@ -268,7 +288,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():  # no job ever started
             return
-        summary = write_summary(sweep_dir, self.metric)
+        summary = _write_summary_or_exit(sweep_dir, self.metric)
         print(report(summary), flush=True)
         if summary.failed and self.exit_on_failure:
             print(f"{len(summary.failed)} of {len(summary.rows)} jobs failed (see the table above)", file=sys.stderr, flush=True)
@@ -283,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sweep_dir.is_dir():
         print(f"error: sweep_dir={args.sweep_dir} is invalid; allowed: an existing sweep dir", file=sys.stderr)
         return 2
-    summary = write_summary(args.sweep_dir, args.metric)
+    summary = _write_summary_or_exit(args.sweep_dir, args.metric)
     print(report(summary))
     return EXIT_JOBS_FAILED if summary.failed else 0
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 from torch import Tensor
+
+from mlplab.atomic import atomic_link
 
 
 class ModelCheckpoint(_LightningModelCheckpoint):
@@ -23,9 +23,10 @@ class ModelCheckpoint(_LightningModelCheckpoint):
       serialisation (3-5 ms an epoch on 2 CPU cores). The two dumps would differ only in
       this callback's ``last_model_path``, so that is set to the last path *before* the
       top-k save: the top-k file is byte for byte what the second dump would have written.
-      The link is made atomically (``last.ckpt.partial``, then rename) like every
-      checkpoint here; a later epoch replaces ``last.ckpt`` by a new file and leaves the
-      top-k file alone, and deleting either name leaves the other whole. (Lightning's
+      The link is made atomically (:func:`mlplab.atomic.atomic_link`: a fresh temporary
+      name, then rename) like every checkpoint here; a later epoch replaces ``last.ckpt``
+      by a new file and leaves the top-k file alone, and deleting either name leaves the
+      other whole. (Lightning's
       ``save_last="link"`` links to the newest top-k file even when it is an older
       epoch's, which cannot resume.)
 
@@ -88,12 +89,8 @@ class ModelCheckpoint(_LightningModelCheckpoint):
             return
         linked = True
         if trainer.is_global_zero:
-            partial = self.last_model_path + ".partial"
             try:
-                if os.path.lexists(partial):
-                    os.remove(partial)
-                os.link(source, partial)
-                os.replace(partial, self.last_model_path)
+                atomic_link(source, self.last_model_path)
             except OSError:
                 linked = False
         if trainer.strategy.broadcast(linked):

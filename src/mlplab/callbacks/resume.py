@@ -6,8 +6,8 @@
 - :class:`StopOnSignal` makes SIGINT (Ctrl+C) behave like SIGTERM under Lightning's
   signal connector: the run stops cleanly at the next batch boundary instead of wherever
   the interrupt lands (a half-written file, say). A second Ctrl+C stops at once.
-- :class:`AtomicCheckpointIO` writes each checkpoint to ``<name>.partial`` and renames it
-  into place, so a ``kill -9`` never leaves a truncated ``last.ckpt``.
+- :class:`AtomicCheckpointIO` writes each checkpoint to a fresh temporary file and renames
+  it into place (:mod:`mlplab.atomic`), so a ``kill -9`` never leaves a truncated ``last.ckpt``.
 
 ``last.ckpt`` is written at the end of every epoch (the default callbacks), so an
 interrupted run resumes from its last completed epoch and redoes the interrupted one.
@@ -15,8 +15,8 @@ interrupted run resumes from its last completed epoch and redoes the interrupted
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from mlplab.atomic import atomic_write_bytes, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +91,22 @@ class StopOnSignal(L.Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``<path>.partial``, then rename: a checkpoint is whole or absent."""
+    """Checkpoints written through :func:`mlplab.atomic.atomic_write_bytes`: whole or absent.
+
+    The checkpoint is serialised in memory (as Lightning's own ``_atomic_save`` does), then
+    written to a fresh, exclusively created temporary file beside the target and renamed
+    into place: a planted symlink is never written through, and a full disk is one
+    :class:`~mlplab.errors.StorageError` line with the earlier checkpoints intact.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:  # Lightning's TypeError for that argument
+            return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        os.replace(partial, path)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise storage_error(err, path) from None
+        atomic_write_bytes(path, buffer.getbuffer())

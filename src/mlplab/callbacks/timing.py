@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
+
+from mlplab.atomic import atomic_write_text
 
 
 class EpochTimer(L.Callback):
     """Records the wall time of each epoch, from one epoch's start to the next one's.
 
     The times land in ``self.epoch_seconds``, are logged as ``time/epoch_s`` and, with
-    ``out_file``, written as JSON (``{"epoch_seconds": [...]}``) when fitting ends.
+    ``out_file``, written as JSON (``{"epoch_seconds": [...]}``, atomically) when fitting ends.
     """
 
     def __init__(self, out_file: str | None = None, log: bool = True) -> None:
@@ -44,4 +45,4 @@ class EpochTimer(L.Callback):
     @rank_zero_only
     def _write(self) -> None:
         if self.out_file:
-            Path(self.out_file).write_text(json.dumps({"epoch_seconds": self.epoch_seconds}))
+            atomic_write_text(self.out_file, json.dumps({"epoch_seconds": self.epoch_seconds}))

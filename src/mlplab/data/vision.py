@@ -10,19 +10,29 @@ pool that train and validation are split from. Files live in torchvision's layou
    checks each archive's md5) into a temporary folder, moved into place only when complete;
 4. else one :class:`~mlplab.errors.DataError` names the missing files and where to put them.
 
-Nothing half-written ever passes for good: archives are extracted to ``<name>.partial`` and
-renamed when complete; a download interrupted halfway leaves nothing in ``raw/``. Every file
-read is checked (:func:`read_idx`): IDX magic and dimensions, size against its header,
-images and labels counts, labels in range. A file whose header claims the official
-dataset's size (60,000 or 10,000 items) must also match the official file's md5 -- a
-truncated or corrupted download is refused with the file's name. Smaller IDX files (your
-own, or the tests') get the structural checks only.
+Nothing half-written ever passes for good: an archive is decompressed in memory and written
+through :func:`mlplab.atomic.atomic_write_bytes` (a fresh temporary file, renamed when
+complete; no planted symlink is written through); a download interrupted halfway leaves
+nothing in ``raw/``. Every file read is checked (:func:`read_idx`): IDX magic and
+dimensions, size against its header, images and labels counts, labels in range. A file
+whose header claims the official dataset's size (60,000 or 10,000 items) must also match
+the official file's md5 -- a truncated or corrupted download is refused with the file's
+name. Smaller IDX files (your own, or the tests') get the structural checks only.
+
+**A read-only folder of archives works**: when the extracted file cannot be written there
+(a read-only mount, no write permission, a full disk), the archive is decompressed in
+memory for this run only (MNIST: about 55 MB, well under a second) and nothing is written;
+a read-only folder is logged at INFO, other write failures as a WARNING. Unusable files
+are one :class:`~mlplab.errors.DataError` line naming the file: unreadable (permission
+denied), a directory where a data file belongs, not a complete gzip archive, or failing
+the checks above.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import math
 import os
 import shutil
@@ -35,8 +45,11 @@ import torch
 from torch import Tensor, nn
 from torchvision.datasets import MNIST, FashionMNIST
 
+from mlplab.atomic import READ_ONLY_ERRNOS, atomic_write_bytes
 from mlplab.data.tensor import TensorDataModule, normalise
-from mlplab.errors import DataError
+from mlplab.errors import DataError, StorageError
+
+log = logging.getLogger(__name__)
 
 #: md5 of the official extracted files (torchvision's ``resources`` hold the archives' md5).
 OFFICIAL_MD5 = {
@@ -66,25 +79,68 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
-def _gz_header_count(gz: Path) -> int | None:
-    """The item count an archive's IDX header announces (None if unreadable)."""
+def _read_bytes(path: Path) -> bytes:
+    """A data file's content; a directory or an unreadable file is one :class:`DataError` naming it."""
     try:
-        with gzip.open(gz, "rb") as f:
-            head = f.read(8)
-    except (OSError, EOFError, zlib.error):
+        return path.read_bytes()
+    except IsADirectoryError:
+        raise DataError(f"{path} is a directory, not a data file; allowed: remove or rename it") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path} ({err.strerror or err}); allowed: a file this user can read") from None
+
+
+def _refuse_non_files(paths: list[Path]) -> None:
+    """Something other than a regular file under a data file's name is refused, naming it."""
+    for path in paths:
+        try:
+            if not path.exists() or path.is_file():
+                continue
+            what = "a directory" if path.is_dir() else "not a regular file"
+        except OSError as err:  # a folder on the way that this user may not search
+            raise DataError(f"cannot read {path} ({err.strerror or err}); allowed: a file this user can read") from None
+        raise DataError(f"{path} is {what}, not a data file; allowed: remove or rename it")
+
+
+def _gz_header_count(raw: bytes) -> int | None:
+    """The item count a gzipped IDX file's header announces (None if unreadable)."""
+    try:
+        head = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS).decompress(raw, 8)
+    except zlib.error:
         return None
     return struct.unpack(">I", head[4:8])[0] if len(head) == 8 else None
 
 
-def read_idx(path: Path, ndim: int, item_shape: tuple[int, ...], official_md5: str | None = None) -> Tensor:
+def decompress_archive(gz: Path, md5: str | None = None) -> bytes:
+    """The decompressed content of ``gz``; an official-sized archive must match ``md5``.
+
+    Raises :class:`DataError` naming ``gz`` if it cannot be read, is not a complete gzip
+    archive, or claims the official item count with another md5.
+    """
+    raw = _read_bytes(gz)
+    if md5 is not None and _gz_header_count(raw) == _official_count(gz.name) and _md5(raw) != md5:
+        raise DataError(
+            f"{gz} claims to be the official archive but its md5 is not {md5} (an interrupted download?); {_FIX}"
+        )
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{gz} is not a complete gzip archive ({err}); {_FIX}") from None
+
+
+def read_idx(
+    path: Path, ndim: int, item_shape: tuple[int, ...], official_md5: str | None = None, data: bytes | None = None
+) -> Tensor:
     """An uncompressed IDX file of unsigned bytes as a uint8 tensor, checked.
 
-    Raises :class:`DataError` naming ``path`` if the magic number, the dimensions or the
-    size disagree with the header, or if the header claims the official dataset's item
-    count but the content is not the official file (``official_md5``).
+    ``data`` is the file's content when it is already in memory (``path`` then only names
+    it in messages). Raises :class:`DataError` naming ``path`` if it cannot be read, if the
+    magic number, the dimensions or the size disagree with the header, or if the header
+    claims the official dataset's item count but the content is not the official file
+    (``official_md5``).
     """
     kind = "images" if ndim > 1 else "labels"
-    data = path.read_bytes()
+    if data is None:
+        data = _read_bytes(path)
     expected_magic = bytes((0, 0, 0x08, ndim))
     if data[:4] != expected_magic:
         raise DataError(
@@ -134,6 +190,8 @@ class TorchvisionIDXDataModule(TensorDataModule):
         self.data_dir = str(Path(os.path.expanduser(str(data_dir))))
         self.download = bool(download)
         self.mean, self.std = float(mean), float(std)
+        # Decompressed archives that could not be written into raw/ (read-only): file name -> content.
+        self._in_memory: dict[str, bytes] = {}
 
     @property
     def raw_folder(self) -> Path:
@@ -158,6 +216,8 @@ class TorchvisionIDXDataModule(TensorDataModule):
             raise DataError(self._missing_message(missing))
 
     def prepare_data(self) -> None:
+        archives = [archive for archive, _md5 in self.dataset_cls.resources]
+        _refuse_non_files([self.raw_folder / n for a in archives for n in (a, a.removesuffix(".gz"))])
         missing = self.missing_files()
         if missing and self.download:
             self._download(missing)
@@ -166,7 +226,7 @@ class TorchvisionIDXDataModule(TensorDataModule):
             raise DataError(self._missing_message(missing))
         for archive, md5 in self.dataset_cls.resources:
             gz, plain = self.raw_folder / archive, self.raw_folder / archive.removesuffix(".gz")
-            if not plain.is_file():
+            if not plain.is_file() and plain.name not in self._in_memory:
                 self._extract(gz, plain, md5)
 
     def _download(self, missing: list[str]) -> None:
@@ -190,27 +250,24 @@ class TorchvisionIDXDataModule(TensorDataModule):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _extract(self, gz: Path, plain: Path, md5: str) -> None:
-        """Decompress ``gz`` next to itself via ``<name>.partial``; an official-sized archive must match its md5."""
-        count = _gz_header_count(gz)
-        if count == _official_count(gz.name) and _md5(gz.read_bytes()) != md5:
-            raise DataError(f"{gz} claims to be the official archive but its md5 is not {md5} (an interrupted download?); {_FIX}")
-        partial = plain.with_name(plain.name + ".partial")
+        """Decompress ``gz`` as ``plain`` next to it (atomically); where that cannot be written, keep it in memory."""
+        data = decompress_archive(gz, md5)
         try:
-            with gzip.open(gz, "rb") as src, partial.open("wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (OSError, EOFError, zlib.error) as err:
-            partial.unlink(missing_ok=True)
-            if isinstance(err, (EOFError, zlib.error, gzip.BadGzipFile)):
-                raise DataError(f"{gz} is not a complete gzip archive ({err}); {_FIX}") from None
-            raise DataError(f"cannot extract {gz} into {self.raw_folder}: {err.strerror or err}") from None
-        os.replace(partial, plain)
+            atomic_write_bytes(plain, data)
+        except StorageError as err:
+            read_only = getattr(err, "errno", None) in READ_ONLY_ERRNOS
+            (log.info if read_only else log.warning)(
+                "%s: reading %s in memory for this run (%s)", plain.parent, gz.name, err
+            )
+            self._in_memory[plain.name] = data
 
     def _read(self, split: str) -> tuple[Tensor, Tensor]:
         official = OFFICIAL_MD5.get(self.dataset_cls.__name__, {})
-        images_file = self.raw_folder / f"{split}-images-idx3-ubyte"
-        labels_file = self.raw_folder / f"{split}-labels-idx1-ubyte"
-        images = read_idx(images_file, 3, self.input_shape[1:], official.get(images_file.name))
-        labels = read_idx(labels_file, 1, (), official.get(labels_file.name))
+        images_name, labels_name = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
+        images_file, images_data = self._source(images_name)
+        labels_file, labels_data = self._source(labels_name)
+        images = read_idx(images_file, 3, self.input_shape[1:], official.get(images_name), images_data)
+        labels = read_idx(labels_file, 1, (), official.get(labels_name), labels_data)
         if len(images) != len(labels):
             raise DataError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels; {_FIX}")
         if len(labels) and int(labels.max()) >= self.num_classes:
@@ -220,8 +277,15 @@ class TorchvisionIDXDataModule(TensorDataModule):
         x = images.unsqueeze(1).to(torch.float32).div_(255.0)
         return normalise(x, self.mean, self.std), labels.to(torch.long)
 
+    def _source(self, name: str) -> tuple[Path, bytes | None]:
+        """Where the extracted file ``name`` is read from: ``(raw/name, None)``, or
+        ``(raw/name.gz, content)`` when it was decompressed in memory (the path names it in messages)."""
+        data = self._in_memory.pop(name, None)
+        return (self.raw_folder / f"{name}.gz", data) if data is not None else (self.raw_folder / name, None)
+
     def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        if not all((self.raw_folder / n.removesuffix(".gz")).is_file() for n, _ in self.dataset_cls.resources):
+        names = [n.removesuffix(".gz") for n, _ in self.dataset_cls.resources]
+        if not all((self.raw_folder / n).is_file() or n in self._in_memory for n in names):
             self.prepare_data()
         return (*self._read("train"), *self._read("t10k"))
 
