@@ -8,6 +8,8 @@ against the global step, and ignite's ``Checkpoint`` keeps the best (by ``val/ac
 last weights. The best weights are tested at the end, as with Lightning. A run that
 diverges (a non-finite training loss or weight) stops with :class:`DivergenceError` at
 the end of that epoch, before its validation and checkpoints, as with Lightning.
+``trainer.fast_dev_run`` (``debug=fdr``) is honoured as Lightning does: ``n`` batches (true:
+1) of training, validation and test in one epoch, no checkpoint, no TensorBoard.
 """
 
 from __future__ import annotations
@@ -62,15 +64,28 @@ _LIGHTNING_ONLY = {
 }
 
 
-def _check_trainer(cfg: DictConfig) -> None:
-    """Refuse a ``trainer.*`` setting the ignite loop would silently ignore."""
+def check_trainer(cfg: DictConfig, engine: str = "engine=ignite") -> None:
+    """Refuse a ``trainer.*`` setting a non-Lightning loop (``engine``) would silently ignore."""
     for key, off in _LIGHTNING_ONLY.items():
         value = OmegaConf.select(cfg, f"trainer.{key}", default=None)
         if not any(value == v and type(value) is not bool for v in off):
             raise ConfigError(
-                f"engine=ignite does not implement trainer.{key}={value}; allowed: engine=lightning, "
+                f"{engine} does not implement trainer.{key}={value}; allowed: engine=lightning, "
                 f"or trainer.{key} left at {off[1]!r}"
             )
+    fast_dev_batches(cfg)
+
+
+def fast_dev_batches(cfg: DictConfig) -> int:
+    """``trainer.fast_dev_run`` as Lightning reads it: a number of batches, 0 when off (true: 1)."""
+    value = OmegaConf.select(cfg, "trainer.fast_dev_run", default=None)
+    if value is None or value is False:
+        return 0
+    if value is True:
+        return 1
+    if isinstance(value, int) and value >= 0:
+        return value
+    raise ConfigError(f"trainer.fast_dev_run={value} is invalid; allowed: true, false or a number of batches >= 0")
 
 
 def _prepare_batch(dm) -> Callable:
@@ -108,16 +123,22 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
     ``epoch_seconds``, if given, receives each epoch's wall time (training + validation).
     """
     device = _device(cfg)
-    _check_trainer(cfg)
+    check_trainer(cfg)
+    fast_dev_run = fast_dev_batches(cfg)  # 0, or: n batches of each stage, one epoch, nothing kept
     out_dir = Path(cfg.paths.output_dir)
-    max_epochs = int(cfg.trainer.max_epochs)
+    max_epochs = 1 if fast_dev_run else int(cfg.trainer.max_epochs)
     dm.prepare_data()
     dm.setup("fit")
+
+    def epoch_length(loader) -> int:
+        return min(fast_dev_run, len(loader)) if fast_dev_run else len(loader)
+
+    train_length = epoch_length(dm.train_dataloader())
     net = net.to(device)
     optimizer = instantiate(cfg.optimizer)(params=net.parameters())
     scheduler, interval = None, "epoch"
     if cfg.get("scheduler"):
-        steps = max_epochs * len(dm.train_dataloader())
+        steps = max_epochs * train_length
         scheduler, interval = build_scheduler(instantiate(cfg.scheduler), optimizer, total_steps=lambda: steps)
     criterion = build_loss(cfg)
 
@@ -142,21 +163,25 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
         engine.logger.addFilter(_no_exception_echo)
     best = {"val/acc_best": float("-inf")}
 
-    tb = TensorboardLogger(log_dir=str(out_dir / "tensorboard"))
-    write_hparams_summary(tb.writer, flat_hparams(cfg), HPARAM_METRICS)
     step = global_step_from_engine(trainer, Events.ITERATION_COMPLETED)
-    tb.attach_output_handler(trainer, Events.EPOCH_COMPLETED, tag="train", metric_names=["loss", "acc"],
-                             global_step_transform=step)
-    tb.attach_output_handler(evaluator, Events.COMPLETED, tag="val", metric_names=["loss", "acc"],
-                             global_step_transform=step)
+    tb: TensorboardLogger | None = None
+    best_ckpt: Checkpoint | None = None
+    last_ckpt: Checkpoint | None = None
+    if not fast_dev_run:
+        tb = TensorboardLogger(log_dir=str(out_dir / "tensorboard"))
+        write_hparams_summary(tb.writer, flat_hparams(cfg), HPARAM_METRICS)
+        tb.attach_output_handler(trainer, Events.EPOCH_COMPLETED, tag="train", metric_names=["loss", "acc"],
+                                 global_step_transform=step)
+        tb.attach_output_handler(evaluator, Events.COMPLETED, tag="val", metric_names=["loss", "acc"],
+                                 global_step_transform=step)
 
-    checkpoints = DiskSaver(str(out_dir / "checkpoints"), require_empty=True)
-    to_save = {"model": net, "optimizer": optimizer, "trainer": trainer}
-    best_ckpt = Checkpoint({"model": net}, checkpoints, filename_prefix="best", n_saved=1,
-                           score_function=lambda e: e.state.metrics["acc"], score_name="val_acc",
-                           global_step_transform=step)
-    last_ckpt = Checkpoint(to_save, checkpoints, filename_prefix="last", n_saved=1,
-                           global_step_transform=step)
+        checkpoints = DiskSaver(str(out_dir / "checkpoints"), require_empty=True)
+        to_save = {"model": net, "optimizer": optimizer, "trainer": trainer}
+        best_ckpt = Checkpoint({"model": net}, checkpoints, filename_prefix="best", n_saved=1,
+                               score_function=lambda e: e.state.metrics["acc"], score_name="val_acc",
+                               global_step_transform=step)
+        last_ckpt = Checkpoint(to_save, checkpoints, filename_prefix="last", n_saved=1,
+                               global_step_transform=step)
 
     if scheduler is not None and interval == "step":
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
@@ -172,20 +197,24 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
     @trainer.on(Events.EPOCH_COMPLETED)
     def validate(engine: Engine) -> None:
         _check_finite(net, losses, engine, epoch_lr[0])
-        evaluator.run(dm.val_dataloader())
+        val_loader = dm.val_dataloader()
+        evaluator.run(val_loader, epoch_length=epoch_length(val_loader))
         best["val/acc_best"] = max(best["val/acc_best"], evaluator.state.metrics["acc"])
-        tb.writer.add_scalar("val/acc_best", best["val/acc_best"], engine.state.iteration)
-        best_ckpt(evaluator)
-        last_ckpt(engine)
+        if tb is not None:
+            tb.writer.add_scalar("val/acc_best", best["val/acc_best"], engine.state.iteration)
+        if best_ckpt is not None and last_ckpt is not None:
+            best_ckpt(evaluator)
+            last_ckpt(engine)
         if scheduler is not None and interval == "epoch":
             scheduler.step()
         if epoch_seconds is not None:
             epoch_seconds.append(time.perf_counter() - epoch_start[0])
 
     try:
-        trainer.run(dm.train_dataloader(), max_epochs=max_epochs)
+        trainer.run(dm.train_dataloader(), max_epochs=max_epochs, epoch_length=train_length)
     except DivergenceError:
-        tb.close()
+        if tb is not None:
+            tb.close()
         raise
     result = {f"train/{k}": float(v) for k, v in trainer.state.metrics.items()}
     result.update({f"val/{k}": float(v) for k, v in evaluator.state.metrics.items()})
@@ -193,13 +222,17 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
     result["epochs"] = float(trainer.state.epoch)
 
     if cfg.get("test", True):
-        Checkpoint.load_objects({"model": net}, torch.load(best_ckpt.last_checkpoint, map_location=device, weights_only=True))
+        if best_ckpt is not None:  # fast_dev_run kept none: the last weights, as Lightning
+            Checkpoint.load_objects({"model": net}, torch.load(best_ckpt.last_checkpoint, map_location=device, weights_only=True))
         dm.setup("test")
         tester = create_supervised_evaluator(net, metrics=metrics(), device=device)
         tester.logger.setLevel(logging.WARNING)
-        tester.run(dm.test_dataloader())
+        test_loader = dm.test_dataloader()
+        tester.run(test_loader, epoch_length=epoch_length(test_loader))
         for k, v in tester.state.metrics.items():
             result[f"test/{k}"] = float(v)
-            tb.writer.add_scalar(f"test/{k}", float(v), trainer.state.iteration)
-    tb.close()
+            if tb is not None:
+                tb.writer.add_scalar(f"test/{k}", float(v), trainer.state.iteration)
+    if tb is not None:
+        tb.close()
     return result

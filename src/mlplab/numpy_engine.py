@@ -7,6 +7,11 @@ Per epoch it logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc`` and
 ``val/acc_best`` to TensorBoard (when ``logger`` has ``tensorboard``), keeps the weights of
 the best validation accuracy (``<output_dir>/numpy_net_best.npz``) and tests those.
 Losses are mean per-sample ``1/2 * sum (y - d)^2``, the same numbers as ``loss=mse``.
+
+``trainer.fast_dev_run`` (``debug=fdr``) is honoured as Lightning does: ``n`` batches (true:
+1) of training in one epoch, validation and test on ``n`` evaluation batches, no weights
+file, no TensorBoard. The other Lightning-only trainer settings (``limit_*_batches``,
+``overfit_batches``, ``max_steps``, ...) are refused, as ``engine=ignite`` refuses them.
 """
 
 from __future__ import annotations
@@ -57,18 +62,26 @@ def _evaluate(net: NumpyMLP, x: np.ndarray, y: np.ndarray) -> tuple[float, float
 
 
 def fit_numpy(cfg: DictConfig, dm: TensorDataModule, net: NumpyMLP) -> dict[str, float]:
+    from mlplab.ignite_engine import check_trainer, fast_dev_batches
+
     _check(cfg)
+    check_trainer(cfg, engine="model=numpy_mlp")
+    fast_dev_run = fast_dev_batches(cfg)  # 0, or: n batches of each stage, one epoch, nothing kept
     mark_training_started()
     out_dir = Path(cfg.paths.output_dir)
     lr = float(cfg.optimizer.lr)
-    epochs = int(cfg.trainer.max_epochs)
+    epochs = 1 if fast_dev_run else int(cfg.trainer.max_epochs)
     dm.setup("fit")
     x_train, y_train = _arrays(dm.data_train)
     x_val, y_val = _arrays(dm.data_val)
-    d_train = net.targets(y_train)
     rng = np.random.default_rng(int(cfg.seed))
+    if fast_dev_run:  # n random training batches; the first n evaluation batches
+        keep = rng.permutation(len(y_train))[: fast_dev_run * dm.batch_size]
+        x_train, y_train = x_train[keep], y_train[keep]
+        x_val, y_val = x_val[: fast_dev_run * dm.eval_batch_size], y_val[: fast_dev_run * dm.eval_batch_size]
+    d_train = net.targets(y_train)
     writer = None
-    if cfg.get("logger") and "tensorboard" in cfg.logger:
+    if cfg.get("logger") and "tensorboard" in cfg.logger and not fast_dev_run:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tensorboard"))
@@ -87,9 +100,12 @@ def fit_numpy(cfg: DictConfig, dm: TensorDataModule, net: NumpyMLP) -> dict[str,
         if writer is not None:
             for key, value in result.items():
                 writer.add_scalar(key, value, (epoch + 1) * steps_per_epoch)
-    np.savez(out_dir / "numpy_net_best.npz", *best.weights, *[b for b in best.biases if b is not None])
+    if not fast_dev_run:
+        np.savez(out_dir / "numpy_net_best.npz", *best.weights, *[b for b in best.biases if b is not None])
     if cfg.get("test", True):
         x_test, y_test = _arrays(dm.data_test)
+        if fast_dev_run:
+            x_test, y_test = x_test[: fast_dev_run * dm.eval_batch_size], y_test[: fast_dev_run * dm.eval_batch_size]
         result["test/loss"], result["test/acc"] = _evaluate(best, x_test, y_test)
         if writer is not None:
             for key in ("test/loss", "test/acc"):

@@ -47,6 +47,11 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         self._save_last_if_skipped(trainer, due)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning 2.6 writes last.ckpt here even under fast_dev_run, which keeps no checkpoint.
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
+
     def _last_due(self, trainer: L.Trainer, at_train_epoch_end: bool) -> bool:
         """Whether this hook is the one where Lightning's epoch-end saving happens."""
         return (

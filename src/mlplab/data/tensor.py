@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
 from mlplab.errors import ConfigError
 from mlplab.validation import positive_int, resolve_size, size_or_fraction
@@ -127,6 +127,20 @@ class BatchSliceSampler(Sampler[slice]):
             self.epoch += 1
         for begin in range(start, stop, self.batch_size):
             yield slice(begin, min(begin + self.batch_size, stop))
+
+
+class SequentialSliceSampler(BatchSliceSampler, SequentialSampler):
+    """A :class:`BatchSliceSampler` that never shuffles, and says so by its type.
+
+    Under ``trainer.overfit_batches`` Lightning swaps every loader's sampler that is not a
+    :class:`~torch.utils.data.SequentialSampler` for one that yields single indices -- with
+    ``batch_size=None`` each batch would then be one unbatched row. Evaluation loaders, and
+    the training loader when overfitting, use this class so that Lightning keeps them.
+    """
+
+    def __init__(self, dataset: BatchTensorDataset, batch_size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        BatchSliceSampler.__init__(self, dataset, batch_size, shuffle=False, num_replicas=num_replicas, rank=rank)
+        self.data_source = dataset  # SequentialSampler's attribute
 
 
 def split_indices(
@@ -261,14 +275,20 @@ class TensorDataModule(L.LightningDataModule):
                 f"trainer.devices={world} processes in all is invalid for a split of {len(dataset)} samples; "
                 f"allowed: at most {len(dataset)} processes (each rank needs a sample), or larger splits"
             )
-        # torch.initial_seed() is the run's seed (seed_everything), the same on every rank.
-        sampler = BatchSliceSampler(
-            dataset, batch_size, shuffle=shuffle, seed=torch.initial_seed(), num_replicas=world, rank=rank
-        )
+        sampler: BatchSliceSampler
+        if shuffle:
+            # torch.initial_seed() is the run's seed (seed_everything), the same on every rank.
+            sampler = BatchSliceSampler(
+                dataset, batch_size, shuffle=True, seed=torch.initial_seed(), num_replicas=world, rank=rank
+            )
+        else:
+            sampler = SequentialSliceSampler(dataset, batch_size, num_replicas=world, rank=rank)
         return DataLoader(dataset, batch_size=None, sampler=sampler, collate_fn=_as_is)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, self.batch_size * self.steps_per_call, shuffle=True)
+        # Overfitting wants the same batches every epoch: in stored order, as Lightning does.
+        overfit = self.trainer is not None and (getattr(self.trainer, "overfit_batches", 0) or 0) > 0
+        return self._loader(self.data_train, self.batch_size * self.steps_per_call, shuffle=not overfit)
 
     def train_steps_per_epoch(self) -> int:
         """Minibatches of ``batch_size`` in one training epoch on this rank (call after setup)."""
