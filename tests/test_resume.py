@@ -172,7 +172,8 @@ def test_cli_kill_9_between_epochs_then_cli_resume_is_bit_identical(tmp_path: Pa
     assert _last_epoch(run_dir) == 0
     overrides_before = (run_dir / ".hydra" / "overrides.yaml").read_text()
 
-    proc = run_cli("train", [f"resume={run_dir}"], cwd=tmp_path, env=_cli_env(tmp_path, None), timeout=300)
+    # The test callback is a _target_ override: resume= applies it only when repeated (mlplab.trust).
+    proc = run_cli("train", [f"resume={run_dir}", SEND_SIGNAL], cwd=tmp_path, env=_cli_env(tmp_path, None), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1].endswith(f"(output: {run_dir})")
     assert f"Restoring states from the checkpoint path at {run_dir / 'checkpoints' / 'last.ckpt'}" in proc.stderr

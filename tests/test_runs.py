@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import run_cli
-from mlplab import runs
+from mlplab import rundir, runs
 from mlplab.cli import EXIT_USER_ERROR, run_job
 from mlplab.errors import ConfigError, StorageError
 
@@ -26,6 +26,8 @@ def _job_dir(tmp_path: Path) -> tuple[Path, Path]:
     """A fake run dir as Hydra leaves it before the task runs: ``.hydra/`` and ``train.log``."""
     log_dir = tmp_path / "logs"
     out = log_dir / "runs" / "2026-01-01" / "00-00-00_abcdef"
+    log_dir.mkdir()
+    rundir.note_birth(out)  # what CheckOutputDir records before Hydra makes the dir
     (out / ".hydra").mkdir(parents=True)
     (out / ".hydra" / "config.yaml").write_text("seed: 1\n")
     (out / "train.log").write_text("")

@@ -153,3 +153,22 @@ def test_plain_stored_overrides_pass():
     check_stored_overrides(["model=simple_net", "optimizer.lr=0.1", "trainer.max_epochs=3", "model.hidden_sizes=[8,4]",
                             "paths.log_dir=/tmp/logs", "data.data_dir=/data", "+trainer.limit_train_batches=2"],
                            "run/.hydra/overrides.yaml")
+
+
+def test_checkpoint_paths_stored_in_a_checkpoint_stay_inside_the_runs_checkpoints(tmp_path):
+    """Top-k bookkeeping deletes files: a tampered (or moved) checkpoint's paths are names in this dirpath."""
+    from mlplab.callbacks import ModelCheckpoint
+
+    victim = tmp_path / "victim.ckpt"
+    callback = ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints", save_top_k=1, monitor="val/acc", mode="max")
+    callback.load_state_dict({
+        "dirpath": str(tmp_path / "moved-from"), "monitor": "val/acc", "best_model_score": torch.tensor(0.5),
+        "best_model_path": str(tmp_path / "moved-from" / "epoch_003.ckpt"), "kth_best_model_path": str(victim),
+        "kth_value": torch.tensor(0.5), "last_model_path": "/etc/passwd",
+        "best_k_models": {str(victim): torch.tensor(0.5), "..": torch.tensor(0.4)},
+    })
+    inside = tmp_path / "run" / "checkpoints"
+    assert callback.best_model_path == str(inside / "epoch_003.ckpt")  # a moved run dir resumes where it is
+    assert callback.kth_best_model_path == str(inside / "victim.ckpt")
+    assert list(callback.best_k_models) == [str(inside / "victim.ckpt")]
+    assert callback.last_model_path == ""

@@ -17,24 +17,25 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import shutil
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 from hydra.experimental.callback import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from mlplab import runs
+from mlplab import rundir, runs, signals
+from mlplab.atomic import remove_stale_partials
 from mlplab.distributed import ddp_job, external_rank_argv
-from mlplab.errors import MlplabError, RunInterrupted
+from mlplab.errors import ConfigError, MlplabError, RunInterrupted
 
 EXIT_USER_ERROR = 2
 #: Exit codes of a run stopped by a signal: the shell's 128 + signal number.
-EXIT_INTERRUPTED = {"SIGINT": 130, "SIGTERM": 143}
+EXIT_INTERRUPTED = signals.EXIT_CODES
 log = logging.getLogger("mlplab")
 
 
@@ -117,7 +118,10 @@ class CheckOutputDir(Callback):
             fail(f"cannot be written ({err.strerror or err})", "a writable folder (set paths.log_dir, or " + key + ")")
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._check("hydra.run.dir", config.hydra.run.dir, fresh=config.hydra.output_subdir is not None)
+        fresh = config.hydra.output_subdir is not None
+        if fresh:  # what is there before this run, so that a failed run removes only what it made
+            rundir.note_birth(str(config.hydra.run.dir))
+        self._check("hydra.run.dir", config.hydra.run.dir, fresh=fresh)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(str(config.hydra.sweep.dir))
@@ -143,74 +147,87 @@ def _hydra_job() -> tuple[bool, list[str]]:
     return hc.mode == RunMode.MULTIRUN, list(hc.overrides.task)
 
 
-def _only_hydra_files(out: Path) -> bool:
-    """True if ``out`` holds nothing but Hydra's ``.hydra/`` and ``*.log`` files."""
-    return all(p.name == ".hydra" or (p.is_file() and p.suffix == ".log") for p in out.iterdir())
-
-
-def _remove_run_dir(out: Path, log_dir: Path | None) -> None:
-    """Remove a dir of Hydra's own files and the parents it leaves empty, up to ``log_dir``."""
-    shutil.rmtree(out, ignore_errors=True)
-    parent = out.resolve().parent
-    while log_dir is not None and parent != log_dir and log_dir in parent.parents:
-        try:
-            parent.rmdir()  # only if empty
-        except OSError:
-            break
-        parent = parent.parent
-
-
 def _one_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
 
 def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, float]]) -> Any:
-    """Run ``task(cfg)`` and record its outcome; returns ``cfg.optimized_metric``'s value (or None)."""
+    """Run ``task(cfg)`` and record its outcome; returns ``cfg.optimized_metric``'s value (or None).
+
+    The run dir is held by this process for the job (:func:`mlplab.rundir.hold`). Its
+    ``run.json`` is a record: a command refused before training never touches an existing
+    one, and a resumed run keeps the metrics its earlier part recorded unless it measures
+    them again. A run that fails before training removes exactly what it created.
+    """
     multirun, overrides = _hydra_job()
     out_value = OmegaConf.select(cfg, "paths.output_dir", default=None)
     out = Path(out_value) if out_value else None
-    log_value = OmegaConf.select(cfg, "paths.log_dir", default=None)
-    log_dir = Path(log_value).resolve() if log_value else None
+    rank0 = rank_zero_only.rank == 0
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
     runs.reset_training_started()
+    previous = runs.read_run_record(out) if out is not None else None
 
     def record(status: str, error: str | None, metrics: dict[str, float]) -> None:
-        if out is None or rank_zero_only.rank != 0:
+        if out is None or not rank0:
             return
+        if not runs.training_started() and (previous is not None or cfg.get("resume") is not None):
+            return  # a refused resume (or one stopped before training) leaves the dir's record as it was
         epochs = metrics.pop("epochs", None)
-        runs.write_run_record(out, {
-            "status": status,
-            "error": error,
-            "metrics": metrics,
-            "epochs": None if epochs is None else int(epochs),
-            "wall_s": round(time.perf_counter() - t0, 3),
-            "overrides": overrides,
-            "output_dir": str(out),
-            "task_name": cfg.get("task_name"),
-            "started": started.isoformat(timespec="seconds"),
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        })
+        if previous is not None and isinstance(previous.get("metrics"), dict):  # a resumed run's earlier part
+            kept = {k: v for k, v in previous["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            metrics = {**kept, **metrics}
+        try:
+            runs.write_run_record(out, {
+                "status": status,
+                "error": error,
+                "metrics": metrics,
+                "epochs": None if epochs is None else int(epochs),
+                "wall_s": round(time.perf_counter() - t0, 3),
+                "overrides": overrides,
+                "output_dir": str(out),
+                "task_name": cfg.get("task_name"),
+                "started": started.isoformat(timespec="seconds"),
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            })
+        except MlplabError as err:  # a full disk: say so, the exit code still tells the outcome
+            print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
 
-    try:
-        # The job's DDP ranks end with it: a sweep's next job starts from scratch.
-        with ddp_job():
-            metrics = dict(task(cfg))
-    except RunInterrupted as err:  # SIGINT/SIGTERM: last.ckpt is good, resume=<dir> continues; a sweep stops
-        message = _one_line(err)
-        print(f"interrupted: {message}", file=sys.stderr, flush=True)
-        record("interrupted", message, {})
-        sys.exit(EXIT_INTERRUPTED.get(err.signal_name, 130))
-    except MlplabError as err:
-        message = _one_line(err)
+    def fail(message: str, code: int) -> None:
+        """A user error: one line; before training, remove what this run made; else mark it failed."""
         print(f"error: {message}", file=sys.stderr, flush=True)
-        if rank_zero_only.rank == 0 and out is not None and out.is_dir():
-            if not multirun and not runs.training_started() and _only_hydra_files(out):
-                _remove_run_dir(out, log_dir)
-            else:
-                record("failed", message, {})
+        birth = rundir.birth_of(out) if out is not None else None
+        if rank0 and not multirun and not runs.training_started() and birth is not None:
+            rundir.remove_what_the_run_made(birth)
+        else:
+            record("failed", message, {})
         if not multirun or cfg.get("fail_fast", False):
-            sys.exit(EXIT_USER_ERROR)
+            sys.exit(code)
+
+    sweep_dir = _sweep_dir() if multirun else None
+    signals.JOB.install()
+    if sweep_dir is not None:
+        signals.JOB.between_jobs = signals.stop_sweep_between_jobs(sweep_dir, cfg.get("optimized_metric") or "val/acc_best")
+    signals.JOB.start_job()
+    try:
+        # One process per run dir; the job's DDP ranks end with it.
+        with _held(out, cfg, rank0), ddp_job():
+            check_resumable(cfg, previous)
+            metrics = dict(task(cfg))
+            if signals.JOB.received:  # a signal the task finished through
+                raise RunInterrupted(f"stopped by {signals.JOB.received}", signals.JOB.received)
+    except (RunInterrupted, KeyboardInterrupt) as err:  # SIGINT/SIGTERM: last.ckpt is good; a sweep stops
+        name = getattr(err, "signal_name", "SIGINT")
+        message = _one_line(err) if isinstance(err, RunInterrupted) else "stopped by SIGINT"
+        if "resume with:" not in message and out is not None and cfg.get("task_name") == "train" and runs.training_started():
+            message += f"; resume with: {rundir.resume_command(out, overrides)}"
+        print(f"interrupted: {message}", file=sys.stderr, flush=True)
+        record("interrupted", message, dict(getattr(err, "metrics", {})))
+        if sweep_dir is not None:
+            _summarise_stopped_sweep(sweep_dir, cfg)
+        sys.exit(signals.EXIT_CODES.get(name, 130))
+    except MlplabError as err:
+        fail(_one_line(err), EXIT_USER_ERROR)
         return None
     except Exception as err:  # a bug, or the machine (out of memory ...): keep the traceback
         record("failed", f"{type(err).__name__}: {_one_line(err)}", {})
@@ -218,9 +235,60 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, float]]) -> 
             raise
         log.exception("job failed; the sweep goes on (fail_fast=false)")
         return None
+    finally:
+        signals.JOB.end_job()
+        if sweep_dir is None:
+            signals.JOB.uninstall()
     record("ok", None, dict(metrics))
     metric_name = cfg.get("optimized_metric")
     return metrics.get(metric_name) if metric_name else None
+
+
+@contextmanager
+def _held(out: Path | None, cfg: DictConfig, rank0: bool) -> Iterator[None]:
+    """Hold the run dir (rank 0 of a job with an output dir); DDP's other ranks share their parent's."""
+    if out is None or not rank0 or not out.is_dir():
+        yield
+        return
+    with rundir.hold(out, "resume" if cfg.get("resume") is not None else "hydra.run.dir"):
+        removed = remove_stale_partials(out / "checkpoints")
+        if removed:
+            log.info("removed %d partial file(s) a killed run left in %s", len(removed), out / "checkpoints")
+        yield
+
+
+def check_resumable(cfg: DictConfig, previous: dict | None) -> None:
+    """``resume=`` of a run that completed: refused unless it trains longer (its record stays whole)."""
+    if cfg.get("resume") is None or previous is None or previous.get("status") != "ok":
+        return
+    done = previous.get("epochs")
+    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
+    if isinstance(done, int) and isinstance(max_epochs, int) and max_epochs <= done:
+        raise ConfigError(
+            f"resume={cfg.resume} completed its {done} epochs (run.json status ok), so there is nothing to resume; "
+            f"allowed: resume={cfg.resume} trainer.max_epochs=N with N > {done} to train longer, "
+            f"or python src/eval.py ckpt_path={cfg.resume} to test it"
+        )
+
+
+def _sweep_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(str(HydraConfig.get().sweep.dir))
+    except Exception:
+        return None
+
+
+def _summarise_stopped_sweep(sweep_dir: Path, cfg: DictConfig) -> None:
+    from mlplab.sweeps import write_summary
+
+    try:
+        write_summary(sweep_dir, cfg.get("optimized_metric") or "val/acc_best")
+        print(f"interrupted: the sweep stopped; the summary of its jobs so far is in {sweep_dir / 'summary.md'}",
+              file=sys.stderr, flush=True)
+    except Exception as err:  # the exit must not turn into a traceback
+        print(f"interrupted: the sweep stopped; its summary could not be written ({_one_line(err)})", file=sys.stderr, flush=True)
 
 
 def expand_resume(argv: list[str]) -> list[str]:
@@ -229,14 +297,18 @@ def expand_resume(argv: list[str]) -> list[str]:
     The config is recomposed from ``DIR/.hydra/overrides.yaml`` (so it is the run's
     config), ``hydra.run.dir`` is DIR (same checkpoints, same TensorBoard run, ``train.log``
     appended) and Hydra does not rewrite ``DIR/.hydra``. Extra overrides apply on top,
-    e.g. ``trainer.max_epochs=20`` to train longer. A bad DIR is one line and exit 2.
+    e.g. ``trainer.max_epochs=20`` to train longer. The stored overrides are untrusted
+    (:func:`mlplab.trust.check_stored_overrides`). DIR may be quoted as Hydra quotes values
+    (sweep job dirs hold ``=`` and ``,``). A bad DIR is one line and exit 2.
     """
+    from mlplab.trust import check_stored_overrides
+
     args = argv[1:]
     resumes = [a for a in args if a.startswith("resume=")]
     if not resumes or resumes[-1] == "resume=null":
         return argv
     value = resumes[-1].split("=", 1)[1]
-    run_dir = Path(value).expanduser().resolve()
+    run_dir = Path(rundir.unquote_hydra_value(value)).expanduser().resolve()
     stored = run_dir / ".hydra" / "overrides.yaml"
 
     def fail(why: str) -> None:
@@ -250,6 +322,17 @@ def expand_resume(argv: list[str]) -> list[str]:
             "is not a run dir (no .hydra/overrides.yaml); allowed: the output dir of an earlier train run, "
             "e.g. resume=logs/runs/<date>/<time>_<uid>"
         )
-    overrides = [str(o) for o in OmegaConf.load(stored) if not str(o).startswith(("resume=", "ckpt_path="))]
     rest = [a for a in args if not a.startswith("resume=")]
-    return [argv[0], *overrides, *rest, f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(stored))
+        if isinstance(loaded, list):  # the run's own resume= and ckpt_path= are not taken again
+            loaded = [o for o in loaded if not (isinstance(o, str) and o.startswith(("resume=", "ckpt_path=")))]
+        check_stored_overrides(loaded, f"resume={value}: {stored}", confirmed=rest)
+    except MlplabError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    except Exception as err:
+        fail(f"has an unreadable .hydra/overrides.yaml ({_one_line(err)}); allowed: a run dir as mlplab wrote it")
+    overrides = [o for o in loaded if o not in rest]
+    where = rundir.hydra_value(str(run_dir))
+    return [argv[0], *overrides, *rest, f"resume={where}", f"hydra.run.dir={where}", "hydra.output_subdir=null"]

@@ -43,3 +43,5 @@ class RunInterrupted(MlplabError):
     def __init__(self, message: str, signal_name: str = "SIGINT") -> None:
         super().__init__(message)
         self.signal_name = signal_name
+        #: The metrics measured before the stop (recorded in run.json).
+        self.metrics: dict[str, float] = {}

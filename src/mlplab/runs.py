@@ -55,9 +55,10 @@ def write_run_record(output_dir: str | os.PathLike, record: dict[str, Any]) -> P
 
 
 def read_run_record(job_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The job's record, or None if it has none (never finished) or it cannot be parsed."""
+    """The job's record, or None if it has none (never finished) or it is not a record (unparsable, not an object)."""
     path = Path(job_dir) / RUN_FILE
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None

@@ -13,7 +13,8 @@ files people share, so both are read as untrusted:
 - :func:`check_stored_overrides`: a stored override may choose a config group option
   (the options are the shipped files) or set a plain value; it may not set a
   ``_target_`` or another instantiation key, touch ``hydra.*``, or point a path-like key
-  (``*dir``, ``*file``, ``*path`` ...) anywhere but the data and log folders.
+  (``*dir``, ``*file``, ``*path`` ...) anywhere but the data and log folders -- unless the
+  user repeats that override on the ``resume=`` command line.
 
 Anything else is one :class:`~mlplab.errors.CheckpointError` / :class:`ConfigError` line
 before anything runs.
@@ -128,17 +129,21 @@ def _has_special_key(value: Any) -> str | None:
     return None
 
 
-def check_stored_overrides(overrides: list[str], source: str) -> None:
-    """Refuse stored overrides that could build or write anything a plain run of mlplab would not."""
+def untrusted_overrides(overrides: list[str]) -> list[tuple[str, str]]:
+    """(override, why) for each override that ``resume=`` applies only when the user repeats it.
+
+    Raises :class:`ConfigError` if ``overrides`` is not a list of overrides Hydra can parse.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise ConfigError(f"{source} is not a list of overrides; allowed: the overrides.yaml Hydra wrote for a run")
+        raise ConfigError("not a list of overrides")
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{source} holds an override Hydra cannot parse ({first}); allowed: the overrides.yaml Hydra wrote") from None
+        raise ConfigError(f"an override Hydra cannot parse ({first})") from None
+    found = []
     for override, text in zip(parsed, overrides):
         key = override.key_or_group
         segments = re.split(r"[./]", key)
@@ -160,7 +165,24 @@ def check_stored_overrides(overrides: list[str], source: str) -> None:
             if special:
                 why = f"its value holds {special}"
         if why:
+            found.append((text, why))
+    return found
+
+
+def check_stored_overrides(overrides: list[str], source: str, confirmed: Iterable[str] = ()) -> None:
+    """Refuse stored overrides that could build or write anything a plain run of mlplab would not.
+
+    An override the user repeats on the command line (``confirmed``) is theirs and passes:
+    resuming a run that used ``+callbacks.mine._target_=my.Callback`` takes that override again
+    (the ``resume with:`` line a run prints repeats them).
+    """
+    try:
+        found = untrusted_overrides(overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{source} holds {err}; allowed: the overrides.yaml Hydra wrote for a run") from None
+    for text, why in found:
+        if text not in set(confirmed):
             raise ConfigError(
                 f"{source} holds the override {text!r}, which resume= does not apply: {why}; allowed: group choices "
-                "and plain values (a run dir's overrides as mlplab wrote them)"
+                "and plain values, or that override repeated on the command line if you trust it"
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
 from torch import Tensor
@@ -51,6 +53,30 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         # Lightning 2.6 writes last.ckpt here even under fast_dev_run, which keeps no checkpoint.
         if not trainer.fast_dev_run:
             super().on_train_end(trainer, pl_module)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Stored checkpoint paths are read as names inside this callback's ``dirpath``.
+
+        A run dir that was moved or copied resumes as if it had not moved (Lightning would
+        drop ``last_model_path`` and write ``last-v1.ckpt`` beside a stale ``last.ckpt``),
+        and a tampered checkpoint cannot point the top-k bookkeeping -- which deletes files
+        -- at a path outside this run's checkpoints.
+        """
+        if self.dirpath:
+            state_dict = {**state_dict, "dirpath": self.dirpath}
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                state_dict[key] = self._inside(state_dict.get(key))
+            best_k = state_dict.get("best_k_models")
+            if isinstance(best_k, dict):
+                state_dict["best_k_models"] = {self._inside(k): v for k, v in best_k.items() if self._inside(k)}
+        super().load_state_dict(state_dict)
+
+    def _inside(self, path: object) -> str:
+        """``dirpath/<name>`` for a stored ``.../<name>.ckpt`` path, else ""."""
+        name = os.path.basename(path) if isinstance(path, str) else ""
+        if not name.endswith(".ckpt") or name.startswith("."):
+            return ""
+        return os.path.join(self.dirpath, name)
 
     def _last_due(self, trainer: L.Trainer, at_train_epoch_end: bool) -> bool:
         """Whether this hook is the one where Lightning's epoch-end saving happens."""

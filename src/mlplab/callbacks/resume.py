@@ -3,9 +3,9 @@
 - :class:`RNGState` stores the global torch RNG state (dropout draws from it) in every
   checkpoint and restores it on resume. The data order needs nothing: each epoch's
   permutation is seeded by ``seed + epoch`` (:class:`~mlplab.data.BatchSliceSampler`).
-- :class:`StopOnSignal` makes SIGINT (Ctrl+C) behave like SIGTERM under Lightning's
-  signal connector: the run stops cleanly at the next batch boundary instead of wherever
-  the interrupt lands (a half-written file, say). A second Ctrl+C stops at once.
+- :class:`StopOnSignal` marks the fit loop for :mod:`mlplab.signals`: there SIGINT (Ctrl+C)
+  and SIGTERM stop the run cleanly at the next batch boundary instead of wherever the
+  interrupt lands (a half-written file, say). A second signal stops at once.
 - :class:`AtomicCheckpointIO` writes each checkpoint to a fresh temporary file and renames
   it into place (:mod:`mlplab.atomic`), so a ``kill -9`` never leaves a truncated ``last.ckpt``.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import logging
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mlplab.atomic import atomic_write_bytes, storage_error
+from mlplab.signals import JOB
 
 log = logging.getLogger(__name__)
 
@@ -46,48 +46,47 @@ class RNGState(L.Callback):
 
 
 class StopOnSignal(L.Callback):
-    """Route SIGINT to Lightning's SIGTERM handler while the trainer runs.
+    """Tells :mod:`mlplab.signals` when the fit loop runs, where a signal stops at the next batch.
 
     Lightning stops a run that received SIGTERM at the next batch boundary by raising
-    ``SIGTERMException`` (after the hooks, so the epoch-end checkpoint is complete).
-    ``received`` names the signal, for the message.
+    ``SIGTERMException`` (after the hooks, so the epoch-end checkpoint is complete); the
+    job's handler routes SIGINT there too while the fit loop runs. Outside the loop a
+    signal stops at once. Used without :func:`mlplab.cli.run_job` (a notebook), it
+    installs the handler for the trainer's stages and restores the previous one after.
     """
 
     def __init__(self) -> None:
-        self.received: str | None = None
+        self._owner = False
 
-    def _install(self, trainer: L.Trainer) -> None:
-        lightning_handler = signal.getsignal(signal.SIGTERM)
+    @property
+    def received(self) -> str | None:
+        """The first signal received in this job (``"SIGINT"``, ``"SIGTERM"``), or None."""
+        return JOB.received
 
-        def on_sigint(signum: int, frame: Any) -> None:
-            if self.received == "SIGINT":  # the second Ctrl+C
-                raise KeyboardInterrupt
-            self._note(signum)
-            log.warning("SIGINT: stopping at the next batch (press Ctrl+C again to stop at once)")
-            if callable(lightning_handler):
-                lightning_handler(signum, frame)
-
-        def on_sigterm(signum: int, frame: Any) -> None:
-            self._note(signum)
-            if callable(lightning_handler):
-                lightning_handler(signum, frame)
-
-        signal.signal(signal.SIGINT, on_sigint)
-        signal.signal(signal.SIGTERM, on_sigterm)
-
-    def _note(self, signum: int) -> None:
-        self.received = self.received or signal.Signals(signum).name
-
-    # Lightning registers its SIGTERM handler just before the stage runs (and restores
-    # the original handlers at teardown); these hooks come after that.
-    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._install(trainer)
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before Lightning registers its SIGTERM handler, which then calls this one too.
+        if not JOB.installed and JOB.install():
+            self._owner = True
+            JOB.start_job()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._install(trainer)
+        JOB.training = True
 
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._install(trainer)
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        JOB.training = False
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._release()  # Lightning calls no teardown hook after an exception
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        JOB.training = False
+        if self._owner:
+            JOB.end_job()
+            JOB.uninstall()
+            self._owner = False
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ from mlplab.lean import StepHooks, backward_and_step, direct_steps_possible
 from mlplab.models.losses import ClassificationLoss, CrossEntropy
 from mlplab.models.metrics import EpochStats
 
+log = logging.getLogger(__name__)
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
@@ -72,6 +74,7 @@ class Classifier(L.LightningModule):
         self.steps_per_call = 1
         self.micro_batch_size = 0
         self._scheduler: Any = None
+        self._planned_t_max: int | None = None
         self._scheduler_interval: str | None = None
         # Fused steps bypass Lightning's per-step dispatch where that changes nothing (on_train_start).
         self._direct_steps = False
@@ -158,6 +161,30 @@ class Classifier(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._direct_steps = direct_steps_possible(self.trainer, self)
+        self._replan_schedule()
+
+    def _replan_schedule(self) -> None:
+        """A cosine schedule restored from a checkpoint planned for another length follows this run's.
+
+        ``resume=<dir> trainer.max_epochs=20`` trains longer: the restored ``T_max`` (the old
+        length) would leave the added epochs at lr 0. The schedule becomes the one this run
+        planned, as if it had been planned so from the start (the lr of the current epoch on
+        the new curve); a schedule that spans the run's steps (one-cycle) is refused before
+        training instead (:func:`mlplab.training.check_schedule_plan`).
+        """
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            planned = self._planned_t_max
+            if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or planned in (None, scheduler.T_max):
+                continue
+            before, scheduler.T_max = scheduler.T_max, planned
+            epoch = scheduler.last_epoch
+            for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * epoch / planned)) / 2
+            log.info(
+                "the cosine lr schedule is re-planned for %d epochs (the checkpoint's was planned for %d): "
+                "epoch %d continues at lr %.6g", planned, before, epoch, scheduler.optimizer.param_groups[0]["lr"],
+            )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         if self.steps_per_call > 1:
@@ -269,6 +296,7 @@ class Classifier(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler, interval = build_scheduler(self.scheduler_factory, optimizer, total_steps=self._total_steps)
+        self._planned_t_max = getattr(scheduler, "T_max", None)  # before a checkpoint's state replaces it
         if not self.automatic_optimization:  # fused steps: stepped in _fused_training_step
             self._scheduler, self._scheduler_interval = scheduler, interval
             return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -1,0 +1,178 @@
+"""Faults and careless use cost at most the work in flight, never a user's file or a run's record.
+
+- a failed run removes exactly what it created, never a folder that was there before;
+- ``run.json`` is a record: a refused ``resume=`` never touches it, a resumed run keeps its
+  earlier metrics, a completed run is not "resumed" into a worse record;
+- one process per run dir; a moved run dir resumes from where it is now, from its newest epoch;
+- a cosine schedule resumed for longer is re-planned (bit-identical to the longer run);
+- SIGTERM in the test stage, between sweep jobs, and Ctrl+C twice stop cleanly, say how to
+  resume, and the printed command works when pasted, also for sweep job dirs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlplab import runs
+from mlplab.rundir import hold, resume_command
+
+from conftest import QUICK, REPO, assert_same_nested, compose_cfg, load_ckpt, run_cli
+from mlplab.training import train
+
+SEND_SIGNAL = "+callbacks.send_signal._target_=send_signal.SendSignal"
+ARGS = [*QUICK, "logger=none"]
+
+
+def _env(tmp_path: Path, signal_at: str | None = None) -> dict[str, str]:
+    env = {"MLPLAB_ROOT": str(tmp_path), "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return {**env, "MLPLAB_TEST_SIGNAL": signal_at} if signal_at else env
+
+
+def _error_lines(stderr: str, prefix: str = "error:") -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(prefix)]
+
+
+def _tree(path: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
+
+
+# -- a failed run never deletes a user's folder ----------------------------------------------------
+
+
+def test_a_run_that_fails_before_training_removes_only_what_it_made(tmp_path: Path) -> None:
+    users = tmp_path / "my-notes"
+    (users / "figures").mkdir(parents=True)
+    (users / "notes.log").write_text("my own notes\n")
+    (users / "figures" / "a.png").write_bytes(b"png")
+    before = _tree(users)
+    fresh = tmp_path / "new" / "deeper" / "run"
+    for run_dir in (users, fresh):
+        proc = run_cli("train", [*ARGS, f"hydra.run.dir={run_dir}", "optimizer.lr=nan"], cwd=tmp_path, env=_env(tmp_path))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert _error_lines(proc.stderr) == ["error: optimizer.lr=nan is invalid; allowed: a finite number > 0"], proc.stderr
+    assert _tree(users) == before  # the folder, its notes.log and its subfolder, untouched; nothing added
+    assert not (tmp_path / "new").exists()  # the folders the failed run made are gone
+
+
+# -- run.json is a record; resume from anywhere, one process at a time -----------------------------
+
+
+@pytest.fixture(scope="module")
+def completed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A completed one-epoch CLI run (cosine schedule planned for 1 epoch)."""
+    root = tmp_path_factory.mktemp("completed")
+    run_dir = root / "logs" / "run"
+    proc = run_cli("train", [*ARGS, f"hydra.run.dir={run_dir}"], cwd=root, env=_env(root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_refused_resumes_never_touch_the_record(completed: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(completed, run_dir)
+    record = (run_dir / "run.json").read_bytes()
+    checkpoints = _tree(run_dir / "checkpoints")
+    cases = [
+        ([], f"error: resume={run_dir} completed its 1 epochs (run.json status ok), so there is nothing to resume; "
+             f"allowed: resume={run_dir} trainer.max_epochs=N with N > 1 to train longer"),
+        (["trainer.max_epochs=2", "optimizer.lr=nan"], "error: optimizer.lr=nan is invalid"),
+        (["trainer.max_epochs=2", "scheduler=onecycle"], "error: trainer.max_epochs=2 but ckpt_path="),
+    ]
+    for extra, expected in cases:
+        proc = run_cli("train", [f"resume={run_dir}", *extra], cwd=tmp_path, env=_env(tmp_path))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        [line] = _error_lines(proc.stderr)
+        assert line.startswith(expected), line
+        assert "Traceback" not in proc.stderr
+        assert (run_dir / "run.json").read_bytes() == record
+        assert _tree(run_dir / "checkpoints") == checkpoints
+
+    # Another live process holds the dir: a second run there is refused, the record untouched.
+    with hold(run_dir, "resume"):
+        proc = run_cli("train", [f"resume={run_dir}", "trainer.max_epochs=2"], cwd=tmp_path, env=_env(tmp_path))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = _error_lines(proc.stderr)
+    assert line.startswith(f"error: resume={run_dir} is in use by another run (pid {os.getpid()})"), line
+    assert (run_dir / "run.json").read_bytes() == record
+
+
+def test_a_moved_run_dir_resumes_longer_from_its_newest_epoch_with_the_schedule_replanned(completed: Path, tmp_path: Path) -> None:
+    copied = tmp_path / "copied-then-moved"
+    shutil.copytree(completed, copied)
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    copied.rename(moved)
+    previous = runs.read_run_record(moved)
+    # What a kill -9 in the middle of a save leaves: partial files, removed when the dir is used again.
+    (moved / "checkpoints" / ".last.ckpt.1a2b3c.partial").write_bytes(b"half")
+    (moved / "checkpoints" / "last.ckpt.partial").write_bytes(b"half")
+    # A stale lock of a process that is gone is no obstacle.
+    (moved / ".mlplab.lock").write_text("999999\n")
+
+    proc = run_cli("train", [f"resume={moved}", "trainer.max_epochs=2"], cwd=tmp_path, env=_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the cosine lr schedule is re-planned for 2 epochs (the checkpoint's was planned for 1)" in proc.stdout + proc.stderr
+    files = sorted(p.name for p in (moved / "checkpoints").iterdir())
+    assert "last-v1.ckpt" not in files and not [f for f in files if f.endswith(".partial")], files
+    assert load_ckpt(moved / "checkpoints" / "last.ckpt")["epoch"] == 1
+    record = runs.read_run_record(moved)
+    assert record["status"] == "ok" and record["epochs"] == 2
+    # The earlier part's metrics are kept where this part did not measure them again.
+    assert set(previous["metrics"]) <= set(record["metrics"])
+
+    # Re-planned as if planned for 2 epochs from the start: the same weights as a fresh 2-epoch run.
+    fresh = tmp_path / "fresh"
+    train(compose_cfg([o for o in ARGS if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=2"], fresh))
+    assert_same_nested(load_ckpt(moved / "checkpoints" / "last.ckpt")["state_dict"],
+                       load_ckpt(fresh / "checkpoints" / "last.ckpt")["state_dict"], "state_dict")
+
+
+# -- signals ----------------------------------------------------------------------------------------
+
+
+def _paste(command: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a printed ``python src/train.py ...`` command as pasted into a shell, from the checkout."""
+    command = command.replace("python src/train.py", f"{sys.executable} src/train.py", 1)
+    return subprocess.run(["bash", "-c", command], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+
+
+def test_sigterm_in_a_sweeps_test_stage_stops_the_sweep_and_the_pasted_resume_works(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", *ARGS, SEND_SIGNAL, "seed=1,2", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli("train", args, cwd=tmp_path, env=_env(tmp_path, "SIGTERM:test:0"))
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Received SIGTERM" not in proc.stderr
+    [line] = _error_lines(proc.stderr, "interrupted: stopped")
+    job = next(sweep.glob("0_*"))
+    assert "=" in job.name and "," in job.name  # the dir name Hydra's grammar would split
+    assert line.startswith("interrupted: stopped by SIGTERM in the test stage:") and "resume with: " in line, line
+    record = runs.read_run_record(job)
+    assert record["status"] == "interrupted"
+    assert not list(sweep.glob("1_*"))  # the sweep stopped: the second job never started
+    assert "| interrupted |" in (sweep / "summary.md").read_text()
+
+    proc = _paste(line.split("resume with: ", 1)[1], tmp_path, _env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = runs.read_run_record(job)
+    assert record["status"] == "ok" and 0.5 < record["metrics"]["test/acc"] <= 1.0
+    assert "val/acc_best" in record["metrics"]  # kept from the interrupted part
+
+
+def test_ctrl_c_twice_stops_at_once_with_a_record_and_a_resume_hint(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = [*ARGS, "trainer.max_epochs=2", SEND_SIGNAL, f"hydra.run.dir={run_dir}", "steps_per_call=1"]
+    proc = run_cli("train", args, cwd=tmp_path, env=_env(tmp_path, "SIGINT+SIGINT:1:3"))
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Received SIGTERM" not in proc.stderr
+    [line] = _error_lines(proc.stderr, "interrupted:")
+    assert line.startswith("interrupted: stopped by SIGINT in epoch 1:") and "holds epoch 0" in line, line
+    assert line.endswith(resume_command(run_dir)), line
+    record = runs.read_run_record(run_dir)
+    assert record["status"] == "interrupted" and "resume with" in record["error"]
+    assert load_ckpt(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 0
