@@ -164,6 +164,21 @@ def test_sigterm_in_a_sweeps_test_stage_stops_the_sweep_and_the_pasted_resume_wo
     assert "val/acc_best" in record["metrics"]  # kept from the interrupted part
 
 
+def test_sigterm_between_two_sweep_jobs_stops_the_sweep_with_its_summary(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", *ARGS, "test=false", "seed=1,2,3", f"hydra.sweep.dir={sweep}",
+            "+hydra.callbacks.signal_after_first_job._target_=fault_callbacks.SignalAfterFirstJob"]
+    proc = run_cli("train", args, cwd=tmp_path, env=_env(tmp_path))
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    [line] = _error_lines(proc.stderr, "interrupted:")
+    assert line.startswith("interrupted: the sweep was stopped by SIGTERM between two jobs; the summary of the jobs so far "
+                           f"is in {sweep / 'summary.md'}"), line
+    assert [p.name.split("_")[0] for p in sweep.iterdir() if p.is_dir()] == ["0"]  # no later job started
+    assert runs.read_run_record(next(sweep.glob("0_*")))["status"] == "ok"
+    assert "1 jobs, 1 ok, 0 failed" in (sweep / "summary.md").read_text()
+
+
 def test_ctrl_c_twice_stops_at_once_with_a_record_and_a_resume_hint(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = [*ARGS, "trainer.max_epochs=2", SEND_SIGNAL, f"hydra.run.dir={run_dir}", "steps_per_call=1"]
@@ -176,3 +191,33 @@ def test_ctrl_c_twice_stops_at_once_with_a_record_and_a_resume_hint(tmp_path: Pa
     record = runs.read_run_record(run_dir)
     assert record["status"] == "interrupted" and "resume with" in record["error"]
     assert load_ckpt(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 0
+
+
+# -- a full disk ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 16 MB tmpfs (a real filesystem that fills up); skipped where this user cannot mount one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoints(small_disk: Path, tmp_path: Path) -> None:
+    run_dir = small_disk / "run"
+    args = [*ARGS, "trainer.max_epochs=3", f"hydra.run.dir={run_dir}", "+callbacks.fill._target_=fault_callbacks.FillDisk"]
+    proc = run_cli("train", args, cwd=tmp_path, env={**_env(tmp_path), "MLPLAB_TEST_FILL_AT_EPOCH": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Logging error" not in proc.stderr, proc.stderr[-3000:]
+    [line] = _error_lines(proc.stderr)
+    assert line.startswith(f"error: the disk holding {run_dir / 'checkpoints'} is full ("), line
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".partial")]  # the partial file is gone
+    assert load_ckpt(run_dir / "checkpoints" / "last.ckpt")["epoch"] == 0  # earlier checkpoints intact
+    assert load_ckpt(run_dir / "checkpoints" / "epoch_000.ckpt")["epoch"] == 0
+    record = runs.read_run_record(run_dir)
+    assert record["status"] == "failed" and record["error"] == line.removeprefix("error: ")
