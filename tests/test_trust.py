@@ -143,6 +143,8 @@ def test_eval_cli_refuses_a_hostile_checkpoint_with_one_line_and_leaves_nothing(
     "+callbacks.timer.out_file=/tmp/owned",
     "hydra/launcher=joblib",
     "seed=1,2",
+    "model=../../../../tmp/shared-run/evil",
+    "model=/tmp/shared-run/evil",
 ])
 def test_stored_overrides_that_build_or_write_elsewhere_are_refused(override):
     with pytest.raises(ConfigError, match=r"overrides.yaml holds the override .* which resume= does not apply"):

@@ -164,6 +164,11 @@ def untrusted_overrides(overrides: list[str]) -> list[tuple[str, str]]:
             special = _has_special_key(value)
             if special:
                 why = f"its value holds {special}"
+            elif ".." in segments or (
+                isinstance(value, str) and key not in _ALLOWED_PATH_KEYS and (".." in value.split("/") or value.startswith(("/", "~")))
+            ):
+                # model=../../elsewhere/evil would compose a yaml file from outside conf/
+                why = "it names a file outside the config groups"
         if why:
             found.append((text, why))
     return found
