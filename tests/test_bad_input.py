@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import QUICK, compose_cfg, run_cli
-from mlplab.cli import EXIT_USER_ERROR, run_job
+from mlplab.cli import EXIT_USER_ERROR, CheckOutputDir, run_job
 from mlplab.errors import CheckpointError, ConfigError, DataError, MlplabError
 from mlplab.models import Classifier
 from mlplab.training import evaluate, fit, train
@@ -112,13 +113,14 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "expected"), BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
-def test_bad_config_values(tmp_path, no_training, monkeypatch, capsys, overrides, expected):
+def _run_job_error(tmp_path: Path, monkeypatch, capsys, overrides: list[str]) -> str:
     """Through the entry point's run_job: one line, exit 2, and the run dir Hydra made is gone."""
     monkeypatch.setenv("MLPLAB_DATA_DIR", str(tmp_path / "no-data"))
     log_dir = tmp_path / "logs"
     out = log_dir / "runs" / "2026-01-01" / "00-00-00_abcdef"
-    (out / ".hydra").mkdir(parents=True)  # what Hydra leaves before the task runs
+    # What the CLI does before the task runs: its Hydra callback, then Hydra's own files.
+    CheckOutputDir().on_run_start(OmegaConf.create({"hydra": {"run": {"dir": str(out)}, "output_subdir": ".hydra"}}))
+    (out / ".hydra").mkdir(parents=True, exist_ok=True)
     (out / ".hydra" / "config.yaml").write_text("seed: 1\n")
     (out / "train.log").write_text("")
     cfg = compose_cfg(QUICK + ["logger=none", *overrides], out)
@@ -128,11 +130,52 @@ def test_bad_config_values(tmp_path, no_training, monkeypatch, capsys, overrides
     assert info.value.code == EXIT_USER_ERROR
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    msg = lines[0]
+    assert list(log_dir.rglob("*")) == []  # nothing written to logs/
+    return lines[0]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
+def test_bad_config_values(tmp_path, no_training, monkeypatch, capsys, overrides, expected):
+    msg = _run_job_error(tmp_path, monkeypatch, capsys, overrides)
     for part in expected:
         assert part in msg, (part, msg)
     assert "allowed" in msg
-    assert list(log_dir.rglob("*")) == []  # nothing written to logs/
+
+
+# What third-party constructors reached through ``_target_`` refuse (Trainer, callbacks,
+# torch optimizers and schedules, nets), unknown keys, the seed's range: each used to be a
+# traceback or Hydra's multi-line wrapper, or (``+foo=1``) was silently ignored.
+TARGET_MISTAKES = [
+    (["seed=-1"], ["seed=-1", "0..4294967295"]),
+    (["seed=99999999999999"], ["seed=99999999999999", "0..4294967295"]),
+    (["scheduler.T_max=0"], ["scheduler=cosine", "CosineAnnealingLR rejected", "scheduler.T_max=0", "ZeroDivisionError"]),
+    (
+        ["scheduler=onecycle", "scheduler.pct_start=1.5"],
+        ["scheduler=onecycle", "OneCycleLR rejected", "scheduler.pct_start=1.5", "between 0 and 1", "default pct_start=0.3"],
+    ),
+    (["trainer.check_val_every_n_epoch=0"], ["trainer.check_val_every_n_epoch=0", "an integer >= 1"]),
+    (["optimizer=adam", "+optimizer.betas=abc"], ["optimizer=adam", "torch.optim.Adam rejected", "optimizer.betas='abc'"]),
+    (
+        ["+trainer.max_epoch=3"],
+        ["trainer.max_epoch=3 is invalid: lightning.pytorch.Trainer has no such option", "max_steps", "(did you mean max_epochs?)"],
+    ),
+    (["+trainer.precision=bogus"], ["trainer.precision='bogus'", "Trainer rejected", "'16-mixed'"]),
+    (["callbacks.model_checkpoint.save_top_k=-5"], ["callbacks.model_checkpoint.save_top_k=-5", "Must be >= -1"]),
+    # digits: 64 inputs -> 1e11 -> 10 classes, float32
+    (["model.hidden_sizes=[100000000000]"], ["model.hidden_sizes=[100000000000] is too large", "7,500,000,000,010 parameters (30.0 TB)"]),
+    (["+foo=1"], ["foo=1 is invalid", "allowed keys: callbacks, ckpt_path, compile, data, engine"]),
+    (["+optimizer_name=adam"], ["optimizer_name='adam' is invalid", "(did you mean optimizer?)"]),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), TARGET_MISTAKES, ids=[" ".join(o) for o, _ in TARGET_MISTAKES])
+def test_what_a_target_refuses_is_one_line(tmp_path, no_training, monkeypatch, capsys, overrides, expected):
+    """Checked before anything is built or written (keys), or built once before the Trainer
+    exists (the optimizer and its schedule on the net's parameters, the Trainer, callbacks)."""
+    msg = _run_job_error(tmp_path, monkeypatch, capsys, overrides)
+    for part in expected:
+        assert part in msg, (part, msg)
+    assert "allowed" in msg
 
 
 @pytest.mark.parametrize(("data", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
@@ -256,6 +299,28 @@ def test_cli_eval_bad_checkpoint(tmp_path):
     proc = _cli("eval", [f"ckpt_path={bad}"], tmp_path)
     _assert_user_error(proc, f"ckpt_path={bad}")
     assert _ckpts(tmp_path) == [bad]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["+foo=1"], ["error: foo=1 is invalid: train.yaml and its config groups define no such top-level key"]),
+        (["scheduler=onecycle", "scheduler.pct_start=1.5"], ["error: scheduler=onecycle:", "scheduler.pct_start=1.5"]),
+    ],
+    ids=["unknown top-level key", "schedule refused"],
+)
+def test_cli_target_mistake_is_one_line_and_leaves_no_run_dir(tmp_path, args, expected):
+    """As a user runs it (Hydra's own run dir under paths.log_dir, the default logger):
+    one line, exit 2, nothing left in the log dir."""
+    data = tmp_path / "cli-data"
+    data.mkdir()
+    log_dir = tmp_path / "logs"
+    proc = run_cli("train", [*args, "trainer=cpu", f"paths.log_dir={log_dir}"], cwd=tmp_path, env={"MLPLAB_DATA_DIR": str(data)})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
+    for part in expected:
+        assert part in lines[0], (part, lines[0])
+    assert list(log_dir.rglob("*")) == []
 
 
 def test_cli_unwritable_log_dir(tmp_path):

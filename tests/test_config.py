@@ -11,6 +11,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
 
 from conftest import CONF, QUICK, compose_cfg
+from mlplab.build import _instantiate_group, build_datamodule, build_net, build_trainer, check_targets
 from mlplab.callbacks import (
     DecisionBoundary,
     GradientNorms,
@@ -21,8 +22,8 @@ from mlplab.callbacks import (
 )
 from mlplab.config import validate_train_config, validate_trainer
 from mlplab.data import DigitsDataModule, FashionMNISTDataModule, MNISTDataModule
+from mlplab.errors import ConfigError
 from mlplab.models import MLP, SigmoidNet, SimpleNet
-from mlplab.training import _instantiate_group, build_datamodule, build_net
 
 
 def _options(group: str) -> set[str]:
@@ -388,3 +389,74 @@ def test_every_train_config_resolves(tmp_path):
             container = OmegaConf.to_container(cfg, resolve=True)
             assert container["paths"]["output_dir"] == str(tmp_path), (group, option)
             validate_train_config(cfg)
+
+
+# -- mlplab.build: what a _target_ takes, checked before anything is built ----------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["logger=csv", "+logger.csv.flush_logs_every_n_step=5"],
+            ["logger.csv.flush_logs_every_n_step=5 is invalid: lightning.pytorch.loggers.CSVLogger has no such option",
+             "(did you mean flush_logs_every_n_steps?)"],
+        ),
+        (["+model.input_dim=5"], ["model.input_dim=5 is invalid: mlplab sets it (from the data)", "allowed keys: hidden_sizes"]),
+        (["augment=affine", "+data.augment.bogus=1"], ["data.augment.bogus=1", "kornia.augmentation.RandomAffine has no such option"]),
+        (["model._target_=torch.nn.Nope"], ["model._target_='torch.nn.Nope' cannot be imported", "allowed: an importable"]),
+    ],
+    ids=["logger key", "key the run sets", "nested target", "no such target"],
+)
+def test_check_targets_refuses_what_no_signature_takes(tmp_path, overrides, expected):
+    cfg = compose_cfg(QUICK + overrides, tmp_path)
+    with pytest.raises(ConfigError) as info:
+        check_targets(cfg)
+    for part in expected:
+        assert part in str(info.value), (part, str(info.value))
+
+
+def test_check_targets_lets_kwargs_targets_and_every_preset_through(tmp_path):
+    # TensorBoardLogger passes **kwargs on to its SummaryWriter: any key is its to judge.
+    check_targets(compose_cfg(["logger=tensorboard", "+logger.tensorboard.flush_secs=5"], tmp_path))
+    # Presets that set keys of other groups (experiment=..., # @package _global_) add no unknown keys.
+    for preset in sorted(_options("experiment")):
+        check_targets(compose_cfg([f"experiment={preset}"], tmp_path))
+
+
+def test_unknown_top_level_key_of_eval_names_eval_yaml(tmp_path):
+    cfg = compose_cfg(["ckpt_path=x.ckpt", "+sead=1"], tmp_path, config_name="eval")
+    with pytest.raises(ConfigError, match=r"sead=1 is invalid: eval\.yaml .* allowed keys: callbacks, ckpt_path, data, "):
+        check_targets(cfg)
+
+
+def test_nested_target_refusal_names_the_nested_node(tmp_path):
+    cfg = compose_cfg(QUICK + ["augment=affine", "data.augment.degrees=abc"], tmp_path)
+    with pytest.raises(ConfigError, match=r"^data\.augment: kornia\.augmentation\.RandomAffine rejected the config \(data\.augment\.degrees='abc'\)"):
+        build_datamodule(cfg.data)
+
+
+def test_trainer_value_of_the_wrong_type_is_a_config_error(tmp_path):
+    cfg = compose_cfg(QUICK + ["+trainer.max_time=5"], tmp_path)
+    with pytest.raises(ConfigError) as info:
+        build_trainer(cfg.trainer, logger=False)
+    # The message does not say which key: the values this command line set are all shown.
+    msg = str(info.value)
+    assert msg.startswith("trainer=cpu: lightning.pytorch.Trainer rejected the config (trainer.max_epochs=1, "), msg
+    assert "trainer.max_time=5): AttributeError: 'int' object has no attribute 'total_seconds'" in msg
+
+
+def test_net_the_allocator_refuses_says_what_it_asked_for(tmp_path, monkeypatch):
+    """Past the pre-check against physical memory (off here), the allocation error itself is
+    caught. 2.6 PB is more than a 47-bit address space: refused whatever the overcommit policy."""
+    import mlplab.build
+
+    monkeypatch.setattr(mlplab.build, "_physical_memory", lambda: None)
+    cfg = compose_cfg(QUICK + ["model.hidden_sizes=[10000000000000]"], tmp_path)
+    dm = build_datamodule(cfg.data)
+    with pytest.raises(ConfigError) as info:
+        build_net(cfg.model, dm)
+    msg = str(info.value)
+    assert msg.startswith("model.hidden_sizes=[10000000000000] is too large: mlplab.models.MLP would have "
+                          "750,000,000,000,010 parameters (3.0 PB), which this machine cannot allocate"), msg
+    assert "\n" not in msg and "allowed: a net that fits in memory" in msg

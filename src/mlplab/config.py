@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
-import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_class
+from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab.errors import CheckpointError, ConfigError
@@ -38,17 +37,8 @@ def validate_optimizer(cfg: DictConfig) -> None:
             f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {opt.get('momentum')}); "
             "allowed: set a momentum or nesterov=false"
         )
-    # The optimizer is a partial called when training starts: check its keys now.
-    try:
-        params = inspect.signature(get_class(opt._target_)).parameters
-    except Exception:
-        return
-    for key in opt:
-        if not str(key).startswith("_") and key not in params:
-            allowed = ", ".join(p for p in params if p not in ("self", "params"))
-            raise ConfigError(
-                f"optimizer.{key}={opt.get(key)!r} is invalid: {opt._target_} has no such option; allowed keys: {allowed}"
-            )
+    # Its keys are checked against its signature by mlplab.build.check_targets, its other
+    # values by a trial build on the net's parameters (mlplab.build.build_optimizer).
 
 
 def validate_trainer(cfg: DictConfig) -> None:
@@ -65,12 +55,28 @@ def validate_trainer(cfg: DictConfig) -> None:
             "trainer.use_distributed_sampler=true is invalid; allowed: false (mlplab's DataModules shard "
             "batches across DDP ranks themselves, evaluating every sample exactly once)"
         )
+    # Counts that Lightning's Trainer takes without checking, to fail on when fit runs
+    # (check_val_every_n_epoch=0: a ZeroDivisionError in the fit loop).
+    for key, low in TRAINER_COUNTS.items():
+        if trainer.get(key) is not None:
+            int_in(f"trainer.{key}", trainer[key], low=low)
+    if trainer.get("gradient_clip_val") is not None:
+        non_negative_number("trainer.gradient_clip_val", trainer.gradient_clip_val)
     devices = trainer.get("devices")
     if not _valid_devices(devices):
         raise ConfigError(
             f"trainer.devices={devices!r} is invalid; allowed: a count >= 1, -1 (all), 'auto', or device ids like '0,1'"
         )
 
+
+#: Trainer counts Lightning does not range-check in its constructor, with their lowest value.
+TRAINER_COUNTS = {
+    "check_val_every_n_epoch": 1,
+    "log_every_n_steps": 1,
+    "accumulate_grad_batches": 1,
+    "num_sanity_val_steps": -1,
+    "min_steps": 0,
+}
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -136,10 +142,17 @@ def validate_ckpt_path(key: str, path: Any) -> Path:
 
 
 def validate_train_config(cfg: DictConfig) -> None:
-    """Everything train() can check before building data, net or Trainer."""
-    int_in("seed", cfg.get("seed"))
+    """Everything train() can check before building data, net or Trainer.
+
+    Includes :func:`mlplab.build.check_targets` (unknown keys, keys a ``_target_`` does
+    not take).
+    """
+    from mlplab.build import check_targets
+
+    int_in("seed", cfg.get("seed"), low=min_seed_value, high=max_seed_value)  # seed_everything's range
     if cfg.get("data") is None or cfg.get("model") is None:
         raise ConfigError("data and model must be chosen; allowed: data=digits|mnist|fashion_mnist|xor|moons, model=simple_net|sigmoid_net|relu_mlp|numpy_mlp")
+    check_targets(cfg)
     validate_optimizer(cfg)
     validate_trainer(cfg)
     if cfg.get("ckpt_path") is not None:

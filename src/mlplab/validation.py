@@ -30,9 +30,14 @@ def positive_int(key: str, value: Any) -> int:
     return int(value)
 
 
-def int_in(key: str, value: Any, low: int | None = None) -> int:
-    if not _is_int(value) or (low is not None and value < low):
-        allowed = "an integer" if low is None else f"an integer >= {low}"
+def int_in(key: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+        if low is not None and high is not None:
+            allowed = f"an integer in {low}..{high}"
+        elif high is not None:
+            allowed = f"an integer <= {high}"
+        else:
+            allowed = "an integer" if low is None else f"an integer >= {low}"
         raise ConfigError(f"{key}={_fmt(value)} is invalid; allowed: {allowed}")
     return int(value)
 
