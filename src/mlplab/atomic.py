@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -145,12 +146,19 @@ def is_partial(path: Path) -> bool:
     return path.name.endswith(PARTIAL_SUFFIX)
 
 
-def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+def _partial_target(name: str) -> str:
+    """The name a temporary file was written for: ``.<name>.<8 random>.partial`` or ``<name>.partial``."""
+    fresh = re.fullmatch(r"\.(.+)\.[0-9a-z_]{8}\.partial", name)
+    return fresh.group(1) if fresh else name.removesuffix(PARTIAL_SUFFIX)
+
+
+def remove_stale_partials(folder: str | os.PathLike, suffix: str = "") -> list[Path]:
     """Remove the ``*.partial`` files and symlinks directly in ``folder``, left by a killed write.
 
     Both namings count: ``.<name>.<random>.partial`` (:func:`atomic_path`) and the
     ``<name>.partial`` of older versions. Only names of that form are touched, never a
-    directory (nor what a symlink points to); returns what was removed.
+    directory (nor what a symlink points to); with ``suffix``, only temporary files of targets
+    named ``*<suffix>`` (``.ckpt``). Returns what was removed.
     """
     removed: list[Path] = []
     try:
@@ -163,7 +171,8 @@ def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
             is_dir = entry.is_dir(follow_symlinks=False)
         except OSError:
             continue
-        if is_partial(path) and not is_dir:
+        target = _partial_target(path.name)
+        if is_partial(path) and not is_dir and target.endswith(suffix):
             try:
                 path.unlink()
             except OSError:

@@ -251,7 +251,8 @@ def _held(out: Path | None, cfg: DictConfig, rank0: bool) -> Iterator[None]:
         yield
         return
     with rundir.hold(out, "resume" if cfg.get("resume") is not None else "hydra.run.dir"):
-        removed = remove_stale_partials(out / "checkpoints")
+        checkpoints = out / "checkpoints"  # not followed if it is a link: only the run's own folder is cleaned
+        removed = [] if checkpoints.is_symlink() else remove_stale_partials(checkpoints, suffix=".ckpt")
         if removed:
             log.info("removed %d partial file(s) a killed run left in %s", len(removed), out / "checkpoints")
         yield
