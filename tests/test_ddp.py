@@ -1,10 +1,12 @@
 """DDP: child ranks of a Hydra job, sweeps of DDP jobs, synced metrics, torchrun multi-node.
 
-The two CLI tests are the expensive ones (several processes on 2 cores): a 2-job sweep of
+The CLI tests are the expensive ones (several processes on 2 cores): a 2-job sweep of
 2-rank jobs, and 2 "nodes" x 1 process started by torchrun on 127.0.0.1. Each checks the
 output tree (one dir per job, one TensorBoard run, only rank 0 writes) and that a job's
 test accuracy equals a 1-process evaluation of its checkpoint on a test set (449 digits)
-that divides by neither the ranks nor the eval batch size.
+that divides by neither the ranks nor the eval batch size. A 2-trial Optuna search of
+2-rank jobs (slow) checks that a preset setting ``hydra.mode: MULTIRUN`` leaves each
+trial one job with one output dir.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
 from conftest import CONF, REPO, compose_cfg
@@ -36,6 +39,12 @@ from mlplab.training import build_datamodule, build_net, evaluate
 from test_cli import CLI_QUICK, _accumulator, _check_ok, _env, _run_dirs, _scalars, _summaries
 
 EVAL_BATCH = 100  # 449 test digits -> batches 100,100,100,100,49: padding would count one twice
+RUN_LOCK = ".mlplab.lock"  # rank 0's hold on its run dir (mlplab.rundir), left in place
+
+
+def _job_files(job_dir: Path) -> list[str]:
+    """The names in a job dir, its lock file aside."""
+    return sorted(p.name for p in job_dir.iterdir() if p.name != RUN_LOCK)
 
 
 # -- child ranks of one job -------------------------------------------------------------------
@@ -67,10 +76,35 @@ def test_child_command_reruns_this_job_only(tmp_path, monkeypatch):
         "optimizer.lr": 0.1,
         "hydra.sweep.dir": "/x/sweep",
         "hydra.job_logging.root.level": "INFO",
+        "hydra.mode": "RUN",
         "hydra.run.dir": str(job_dir),  # quoted: the space survives
         "hydra.output_subdir": None,
         "hydra.job.name": "train_rank1",
     }
+
+
+def test_child_rank_of_a_preset_search_is_a_single_run(tmp_path, monkeypatch):
+    """A trial of ``hparams_search=digits_optuna`` (the preset sets ``hydra.mode: MULTIRUN``):
+    Hydra's own choice of mode for the child's command line is a run, not a new search."""
+    trial = ["optimizer.lr=0.05", "model.hidden_sizes=[64]", "hparams_search=digits_optuna", "trainer=ddp_cpu"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=trial, return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.overrides.hydra = ["hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path / 'search'}"]
+            cfg.hydra.runtime.output_dir = str(tmp_path / "search" / "0")
+            cfg.hydra.runtime.cwd = str(tmp_path)
+            cfg.hydra.job.name = "train"
+        HydraConfig.instance().set_config(cfg)
+        monkeypatch.setenv("MLPLAB_ENTRY", "/repo/src/train.py")
+        command, _ = child_command(global_rank=1)
+        assert command[2:6] == trial  # the trial's sampled values, as they were
+        hydra = GlobalHydra.instance().hydra
+        assert hydra.get_mode(config_name="train", overrides=trial) == RunMode.MULTIRUN  # the preset's
+        assert hydra.get_mode(config_name="train", overrides=command[2:]) == RunMode.RUN
+        child = compose("train", overrides=command[2:], return_hydra_config=True)
+    assert child.optimizer.lr == 0.05 and list(child.model.hidden_sizes) == [64]
+    assert child.hydra.run.dir == str(tmp_path / "search" / "0") and child.hydra.output_subdir is None
 
 
 def test_ddp_job_leaves_no_distributed_state_behind(monkeypatch):
@@ -184,9 +218,7 @@ def _one_rank_test(ckpt: Path, tmp_path: Path) -> tuple[dict[str, float], dict[s
 
 def _check_job_dir(job_dir: Path, printed_acc: float, tmp_path: Path, rank_logs: list[str]) -> None:
     """One 2-rank job's dir: rank 0's files only, one TensorBoard run, synced metrics."""
-    assert sorted(p.name for p in job_dir.iterdir()) == sorted(
-        [".hydra", "checkpoints", "tensorboard", "train.log", RUN_FILE, *rank_logs]
-    )
+    assert _job_files(job_dir) == sorted([".hydra", "checkpoints", "tensorboard", "train.log", RUN_FILE, *rank_logs])
     assert len(list((job_dir / "checkpoints").glob("*.ckpt"))) == 2  # best + last
     ea = _accumulator(job_dir / "tensorboard")
     scalars = _scalars(ea)
@@ -257,6 +289,50 @@ def test_multirun_of_ddp_jobs(tmp_path):
         stored = torch.load(job_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert stored["hyper_parameters"]["config"]["model"]["_target_"] == target
         _check_job_dir(job_dir, printed_acc, tmp_path, ["train_rank1.log"])
+
+
+@pytest.mark.slow  # an Optuna search of two 2-rank trials on 2 cores (~30-60 s)
+def test_optuna_search_of_ddp_jobs(tmp_path):
+    """``hparams_search=digits_optuna trainer=ddp_cpu``: the preset sets ``hydra.mode: MULTIRUN``;
+    a trial's child rank is still one more rank of that trial, not a sweep of its own."""
+    log_dir = tmp_path / "logs"
+    sweep = log_dir / "search"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "src" / "train.py"),
+            "hparams_search=digits_optuna",
+            "trainer=ddp_cpu",
+            "hydra.sweeper.n_trials=2",
+            "trainer.max_epochs=1",
+            *CLI_QUICK[1:],
+            f"paths.log_dir={log_dir}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **_env(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    _check_ok(proc)
+    jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: p.name)
+    assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1"]
+    # The only job dirs and the only sweep anywhere are the search's own.
+    assert _run_dirs(tmp_path) == jobs
+    assert [p.name for p in log_dir.iterdir()] == ["search"]
+    assert "optimization_results.yaml" in {p.name for p in sweep.iterdir()}
+    for job in jobs:
+        assert read_run_record(job)["status"] == "ok"
+        # rank 1 of the trial wrote only its log, into the trial's dir
+        expected = [".hydra", "checkpoints", "tensorboard", "train.log", RUN_FILE, "train_rank1.log"]
+        assert _job_files(job) == sorted(expected)
+    assert [d for _, d in _summaries(proc.stdout)] == jobs  # rank 0 of each trial reports
+    summary = (sweep / "summary.md").read_text()
+    assert "2 jobs, 2 ok, 0 failed" in summary
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| #")]
+    assert sorted(line.rsplit("|", 2)[-2].strip() for line in rows) == [j.name for j in jobs]
+    assert all(" | ok | " in line or " | **ok** (best) | " in line for line in rows)
 
 
 # -- multi-node: 2 nodes x 1 process with torchrun on this machine -----------------------------

@@ -8,11 +8,16 @@ set, takes itself for an externally launched rank and waits for peers that never
 
 :class:`HydraDDPStrategy` (``trainer=ddp|ddp_cpu``) launches each child rank as a
 *single run of this job*: the script, the job's own overrides
-(``HydraConfig.overrides.task``, sweep values already chosen, no ``-m``), the job's
-output dir as ``hydra.run.dir`` and ``hydra.output_subdir=null``, so a child writes only
-``<task>_rank<R>.log`` there. :func:`ddp_job` brackets each job: when it ends, the job's
-child ranks are waited for, the process group is destroyed and the launch environment
-is restored, so the next job of a sweep starts from scratch.
+(``HydraConfig.overrides.task``, sweep values already chosen, no ``-m``), ``hydra.mode=RUN``,
+the job's output dir as ``hydra.run.dir`` and ``hydra.output_subdir=null``, so a child
+writes only ``<task>_rank<R>.log`` there. ``hydra.mode=RUN`` matters when the job's
+overrides choose a preset that sets ``hydra.mode: MULTIRUN`` (``hparams_search=...``):
+Hydra takes the mode from the composed config when no ``-m`` is given, so without it the
+child would start a sweep of its own. In a run the sweeper and its params are unused.
+
+:func:`ddp_job` brackets each job: when it ends, the job's child ranks are waited for,
+the process group is destroyed and the launch environment is restored, so the next job
+of a sweep starts from scratch.
 
 Processes started by ``torchrun`` or SLURM's ``srun`` (multi-node) create no children;
 :func:`external_rank_argv` makes their ranks > 0 write no ``.hydra/`` and only
@@ -84,6 +89,7 @@ def child_command(global_rank: int) -> tuple[list[str], str]:
         entry_script(),
         *hc.overrides.task,
         *hydra_overrides,
+        "hydra.mode=RUN",  # a preset in the task overrides may set hydra.mode: MULTIRUN
         f"hydra.run.dir={_quote(str(hc.runtime.output_dir))}",
         "hydra.output_subdir=null",
         f"hydra.job.name={rank_job_name(hc.job.name, global_rank)}",
