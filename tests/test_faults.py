@@ -101,6 +101,16 @@ def test_refused_resumes_never_touch_the_record(completed: Path, tmp_path: Path)
     assert line.startswith(f"error: resume={run_dir} is in use by another run (pid {os.getpid()})"), line
     assert (run_dir / "run.json").read_bytes() == record
 
+    # Its last checkpoint damaged: starting over would overwrite the best checkpoint, so it is refused.
+    (run_dir / "checkpoints" / "last.ckpt").unlink()  # a hard link to the best file: replace the name only
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"half a checkpoint")
+    checkpoints = _tree(run_dir / "checkpoints")
+    proc = run_cli("train", [f"resume={run_dir}", "trainer.max_epochs=2"], cwd=tmp_path, env=_env(tmp_path))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = _error_lines(proc.stderr)
+    assert line.startswith(f"error: resume={run_dir}: last.ckpt in {run_dir / 'checkpoints'} cannot be read"), line
+    assert _tree(run_dir / "checkpoints") == checkpoints and (run_dir / "run.json").read_bytes() == record
+
 
 def test_a_moved_run_dir_resumes_longer_from_its_newest_epoch_with_the_schedule_replanned(completed: Path, tmp_path: Path) -> None:
     copied = tmp_path / "copied-then-moved"
@@ -110,7 +120,7 @@ def test_a_moved_run_dir_resumes_longer_from_its_newest_epoch_with_the_schedule_
     copied.rename(moved)
     previous = runs.read_run_record(moved)
     # What a kill -9 in the middle of a save leaves: partial files, removed when the dir is used again.
-    (moved / "checkpoints" / ".last.ckpt.1a2b3c.partial").write_bytes(b"half")
+    (moved / "checkpoints" / ".last.ckpt.1a2b3c4d.partial").write_bytes(b"half")
     (moved / "checkpoints" / "last.ckpt.partial").write_bytes(b"half")
     # A stale lock of a process that is gone is no obstacle.
     (moved / ".mlplab.lock").write_text("999999\n")

@@ -187,20 +187,3 @@ def validate_resume(cfg: DictConfig) -> None:
         )
     if cfg.get("ckpt_path") is not None:
         raise ConfigError(f"resume={cfg.resume} and ckpt_path={cfg.ckpt_path} together; allowed: one of them")
-
-
-def resume_checkpoint(cfg: DictConfig) -> Path | None:
-    """The checkpoint training starts from: ``ckpt_path``, or ``last.ckpt`` of the resumed run.
-
-    A resumed run with no ``last.ckpt`` (stopped before its first epoch ended) starts over,
-    in the same dir, from the same seed.
-    """
-    if cfg.get("ckpt_path") is not None:
-        return Path(str(cfg.ckpt_path)).expanduser()
-    if cfg.get("resume") is None:
-        return None
-    last = Path(str(cfg.resume)).expanduser() / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        return last
-    log.warning("resume=%s: no checkpoints/last.ckpt (no epoch had completed): starting over", cfg.resume)
-    return None

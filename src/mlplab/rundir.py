@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
 import shlex
@@ -24,10 +25,14 @@ import stat
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-from mlplab.errors import ConfigError, StorageError
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
+from mlplab.errors import CheckpointError, ConfigError, StorageError
+
+log = logging.getLogger(__name__)
 LOCK_FILE = ".mlplab.lock"
 
 
@@ -187,3 +192,29 @@ def newest_last_checkpoint(checkpoints: Path) -> Path | None:
         if progress is not None and (best_progress is None or progress > best_progress):
             best, best_progress = path, progress
     return best
+
+
+def resume_checkpoint(cfg: "DictConfig") -> Path | None:
+    """The checkpoint training starts from: ``ckpt_path``, or the newest ``last*.ckpt`` of the resumed run.
+
+    A resumed run with no last checkpoint (stopped before its first epoch ended) starts
+    over, in the same dir, from the same seed. One whose last checkpoints exist but none
+    can be read is refused: starting over would overwrite its best checkpoint.
+    """
+    if cfg.get("ckpt_path") is not None:
+        return Path(str(cfg.ckpt_path)).expanduser()
+    if cfg.get("resume") is None:
+        return None
+    checkpoints = Path(str(cfg.resume)).expanduser() / "checkpoints"
+    newest = newest_last_checkpoint(checkpoints)
+    if newest is not None:
+        return newest
+    present = sorted(p.name for p in checkpoints.glob("last*.ckpt")) if checkpoints.is_dir() else []
+    if present:
+        raise CheckpointError(
+            f"resume={cfg.resume}: {', '.join(present)} in {checkpoints} cannot be read as a checkpoint, and starting "
+            "over would overwrite the run's checkpoints; allowed: a run dir with a readable last.ckpt (or remove the "
+            "unreadable file to start that run over)"
+        )
+    log.warning("resume=%s: no checkpoints/last.ckpt (no epoch had completed): starting over", cfg.resume)
+    return None

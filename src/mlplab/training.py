@@ -8,38 +8,42 @@ Data flows one way: config -> DataModule (knows ``input_dim``, ``num_classes``,
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-import hydra
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from mlplab.build import (  # noqa: F401 (the build_* helpers and _instantiate_group: importable from here too)
+    _instantiate_group,
+    check_targets,
+    build_datamodule,
+    build_loss,
+    build_net,
+    build_optimizer,
+    build_trainer,
+)
 from mlplab.callbacks import AtomicCheckpointIO, RNGState, StopOnSignal
 from mlplab.config import (
-    resume_checkpoint,
     validate_ckpt_path,
     validate_hardware,
     validate_train_config,
     validate_trainer,
 )
 from mlplab.data import TensorDataModule
-from mlplab.errors import CheckpointError, ConfigError, MlplabError, RunInterrupted
+from mlplab.errors import CheckpointError, ConfigError, RunInterrupted
 from mlplab.hparams import flat_hparams, log_hparams
 from mlplab.lean import NullProfiler, denormals_flushed, reuse_freed_memory, trim_dispatch
-from mlplab.models import ClassificationLoss, Classifier, CrossEntropy
+from mlplab.models import Classifier
 from mlplab.numpy_net import NumpyMLP
+from mlplab.rundir import checkpoint_progress, newest_last_checkpoint, resume_checkpoint, resume_command
 from mlplab.runs import mark_training_started
 from mlplab.trust import check_stored_config
 from mlplab.validation import positive_int
@@ -53,60 +57,6 @@ warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
 # Classifier.transfer_batch_to_device passes batches already on the device straight through.
 warnings.filterwarnings("ignore", message=r".*overridden `transfer_batch_to_device` in `LightningModule`.*")
-
-
-def _instantiate_group(group: DictConfig | None, name: str = "") -> list[Any]:
-    """Every ``_target_`` entry of a dict-of-objects group (callbacks, logger)."""
-    if not group:
-        return []
-    return [_instantiate_checked(node, f"{name}.{key}" if name else str(key)) for key, node in group.items()
-            if isinstance(node, DictConfig) and "_target_" in node]
-
-
-def _instantiate_checked(node: DictConfig, group: str, **kwargs: Any) -> Any:
-    """``instantiate``, but a constructor's own user error comes through as itself.
-
-    Hydra wraps any exception raised by a ``_target_`` in an ``InstantiationException``;
-    unwrapped, our ConfigError reaches the entry point (one line on stderr, exit code 2).
-    A key the constructor does not take (``+model.init=xavier``) is a ConfigError too.
-    """
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        while isinstance(cause, InstantiationException):
-            cause = cause.__cause__
-        if isinstance(cause, MlplabError):
-            raise cause from None
-        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(cause)) if isinstance(cause, TypeError) else None
-        if unexpected:
-            key = unexpected.group(1)
-            params = inspect.signature(hydra.utils.get_class(node._target_)).parameters
-            allowed = ", ".join(p for p in params if p not in kwargs and p != "self")
-            raise ConfigError(
-                f"{group}.{key}={node.get(key)!r} is invalid: {node._target_} has no such option; allowed keys: {allowed}"
-            ) from None
-        raise
-
-
-def build_datamodule(data_cfg: DictConfig) -> TensorDataModule:
-    dm = _instantiate_checked(data_cfg, "data")
-    if not isinstance(dm, TensorDataModule):
-        raise ConfigError(f"data._target_={data_cfg.get('_target_')} is not an mlplab DataModule")
-    return dm
-
-
-def build_net(model_cfg: DictConfig, dm: TensorDataModule) -> torch.nn.Module:
-    return _instantiate_checked(model_cfg, "model", input_dim=dm.input_dim, num_classes=dm.num_classes)
-
-
-def build_loss(cfg: DictConfig) -> ClassificationLoss:
-    """The ``loss`` group's object (cross-entropy when the config has none, e.g. older checkpoints)."""
-    node = cfg.get("loss")
-    loss = _instantiate_checked(node, "loss") if node else CrossEntropy()
-    if not isinstance(loss, ClassificationLoss):
-        raise ConfigError(f"loss._target_={node.get('_target_')} is not an mlplab loss; allowed: loss=cross_entropy|mse")
-    return loss
 
 
 def _summary(metrics: dict[str, float], output_dir: str | None) -> str:
@@ -159,6 +109,7 @@ def _fit(cfg: DictConfig) -> dict[str, float]:
     dm = build_datamodule(cfg.data)
     dm.check_available()
     net = build_net(cfg.model, dm)
+    _load_data(dm)
     engine = cfg.get("engine", "lightning")
     if isinstance(net, NumpyMLP):  # model=numpy_mlp: the lessons' NumPy network and loop
         from mlplab.numpy_engine import fit_numpy
@@ -177,21 +128,25 @@ def _fit(cfg: DictConfig) -> dict[str, float]:
         return metrics
     if engine != "lightning":
         raise ConfigError(f"engine={engine!r} is invalid; allowed: lightning, ignite")
+    optimizer, scheduler = build_optimizer(cfg, net)  # tried on the net now: a refused value fails before the Trainer
     model = Classifier(
         net=net,
         num_classes=dm.num_classes,
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        optimizer=optimizer,
+        scheduler=scheduler,
         config=OmegaConf.to_container(cfg, resolve=True),
         loss=build_loss(cfg),
     )
     if ckpt_path is not None:
-        check_checkpoint_fits(ckpt_path, model)
+        ckpt = _load_checkpoint(ckpt_path)
+        check_checkpoint_fits(ckpt_path, model, ckpt)
+        check_schedule_plan(ckpt_path, ckpt, cfg)
+        del ckpt
     stop = StopOnSignal()
     # RNG state and signal handling make a run resumable; always on, whatever cfg.callbacks says.
     callbacks: list[Callback] = [*_instantiate_group(cfg.get("callbacks"), "callbacks"), RNGState(), stop]
     loggers: list[Logger] = _instantiate_group(cfg.get("logger"), "logger")
-    trainer: L.Trainer = instantiate(
+    trainer: L.Trainer = build_trainer(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **_profiler(cfg)
     )
     trim_dispatch(trainer, model)
@@ -205,22 +160,38 @@ def _fit(cfg: DictConfig) -> dict[str, float]:
     # load into an uncompiled net (eval.py) as usual.
     fit_model = torch.compile(model) if cfg.get("compile", False) else model
     mark_training_started()
+    testing, metrics = False, {}
     try:
         trainer.fit(fit_model, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
         metrics = _as_floats(trainer.callback_metrics)
         metrics["epochs"] = float(trainer.current_epoch)
+        if stop.received:  # after the fit loop's last batch: stop before the test
+            raise RunInterrupted(f"stopped by {stop.received}", stop.received)
 
         if cfg.get("test", True):
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             if not best:
                 log.warning("no best checkpoint (checkpointing off?): testing the last weights")
+            testing = True
             trainer.test(fit_model, datamodule=dm, ckpt_path=best or None, verbose=False)
             metrics.update(_as_floats(trainer.callback_metrics))
-    except SIGTERMException:  # SIGTERM, or SIGINT through StopOnSignal
-        raise _interrupted(cfg, trainer, stop.received or "SIGTERM") from None
+    except (SIGTERMException, RunInterrupted) as err:  # a signal (mlplab.signals): at a batch boundary, or at once
+        interrupted = _interrupted(cfg, trainer, stop.received or getattr(err, "signal_name", "SIGTERM"), testing)
+        # What was measured before the stop goes into run.json (a resumed run keeps it).
+        interrupted.metrics = metrics if testing else _as_floats(trainer.callback_metrics)
+        raise interrupted from None
 
     _report(metrics, cfg)
     return metrics
+
+
+def _load_data(dm: TensorDataModule) -> None:
+    """Read, check and split the data before any logger or output exists: bad data leaves nothing.
+
+    (The Trainer's own ``setup`` call then only moves the tensors to its device.)
+    """
+    dm.prepare_data()
+    dm.setup("fit")
 
 
 def _steps_per_call(cfg: DictConfig, trainer: L.Trainer) -> int:
@@ -259,26 +230,31 @@ def _profiler(cfg: DictConfig) -> dict[str, Any]:
     return {} if cfg.trainer.get("profiler") else {"profiler": NullProfiler()}
 
 
-def _interrupted(cfg: DictConfig, trainer: L.Trainer, signal_name: str) -> RunInterrupted:
+def _interrupted(cfg: DictConfig, trainer: L.Trainer, signal_name: str, testing: bool = False) -> RunInterrupted:
     out = OmegaConf.select(cfg, "paths.output_dir", default=None)
     last = Path(out) / "checkpoints" / "last.ckpt" if out else None
-    if last is not None and last.is_file():
-        # Read like any checkpoint: an unreadable file must not turn this one line into a traceback.
-        try:
-            ckpt = _torch_load(last)
-        except CheckpointError:
-            ckpt = None
-        if isinstance(ckpt, dict) and "epoch" in ckpt:
-            saved = f"{last} holds epoch {ckpt['epoch']}, the last completed one"
-        else:
-            saved = f"{last} cannot be read as a checkpoint (kept as it is)"
+    newest = newest_last_checkpoint(last.parent) if last is not None else None
+    if newest is not None:
+        progress = checkpoint_progress(newest)
+        saved = f"{newest} holds epoch {progress[0]}, the last completed one"
+    elif last is not None and last.exists():
+        # An unreadable last.ckpt is named, not loaded: this one line must not become a traceback.
+        saved = f"{last} cannot be read as a checkpoint (kept as it is)"
     else:
         saved = "no epoch had completed (no last.ckpt)"
+    where = "in the test stage" if testing else f"in epoch {trainer.current_epoch}"
     return RunInterrupted(
-        f"stopped by {signal_name} in epoch {trainer.current_epoch}: {saved}; "
-        f"resume with: python src/train.py resume={out}",
+        f"stopped by {signal_name} {where}: {saved}; "
+        f"resume with: {resume_command(out, _task_overrides())}",
         signal_name,
     )
+
+
+def _task_overrides() -> list[str]:
+    """The job's own command-line overrides (none outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _torch_load(ckpt_path: Path) -> Any:
@@ -326,6 +302,25 @@ def _stored_target(config: dict, section: str) -> str:
     return str(node.get("_target_", "?")) if isinstance(node, dict) else "?"
 
 
+def check_schedule_plan(ckpt_path: Path, ckpt: dict, cfg: DictConfig) -> None:
+    """A one-cycle schedule spans the run it was planned for: continuing it for another length is refused.
+
+    (A cosine schedule is re-planned instead: :meth:`mlplab.models.Classifier._replan_schedule`.)
+    """
+    target = str(OmegaConf.select(cfg, "scheduler._target_", default="") or "")
+    if not target.endswith("OneCycleLR"):
+        return
+    stored = (ckpt.get("hyper_parameters") or {}).get("config")
+    planned = OmegaConf.select(OmegaConf.create(stored), "trainer.max_epochs", default=None) if isinstance(stored, dict) else None
+    wanted = cfg.trainer.max_epochs
+    if isinstance(planned, int) and planned != wanted:
+        raise ConfigError(
+            f"trainer.max_epochs={wanted} but ckpt_path={ckpt_path} holds a one-cycle schedule (scheduler=onecycle) "
+            f"planned for {planned} epochs, which cannot be stretched mid-cycle; allowed: trainer.max_epochs={planned} "
+            "to continue it, or a new run (a cosine schedule, scheduler=cosine, is re-planned when resumed for longer)"
+        )
+
+
 @rank_zero_only
 def _report(metrics: dict[str, float], cfg: DictConfig) -> None:
     print(_summary(metrics, OmegaConf.select(cfg, "paths.output_dir", default=None)), flush=True)
@@ -351,6 +346,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def _evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = validate_ckpt_path("ckpt_path", cfg.get("ckpt_path"))
     validate_trainer(cfg)
+    check_targets(cfg)
     validate_hardware(cfg)
     ckpt = _load_checkpoint(ckpt_path)
     stored = OmegaConf.create(load_checkpoint_config(ckpt_path, ckpt))
@@ -362,13 +358,14 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     dm = build_datamodule(data_cfg)
     dm.check_available()
     net = build_net(stored.model, dm)
+    _load_data(dm)
     loss = build_loss(stored)
     check_checkpoint_fits(ckpt_path, Classifier(net=net, num_classes=dm.num_classes, loss=loss), ckpt)
     del ckpt
     model = Classifier.load_from_checkpoint(ckpt_path, map_location="cpu", net=net, loss=loss, weights_only=True)
 
     loggers = _instantiate_group(cfg.get("logger"), "logger")
-    trainer: L.Trainer = instantiate(
+    trainer: L.Trainer = build_trainer(
         cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks"), "callbacks"), **_profiler(cfg)
     )
     trim_dispatch(trainer, model)

@@ -257,12 +257,13 @@ class TensorDataModule(L.LightningDataModule):
         return (x_pool[train_idx], y_pool[train_idx]), (x_pool[val_idx], y_pool[val_idx]), (x_test, y_test)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.data_train is not None:
-            return
-        train, val, test = self.splits()
-        self.data_train, self.data_val, self.data_test = (BatchTensorDataset(*s) for s in (train, val, test))
+        """Load and split once (a run loads its data before it writes any output); on an
+        accelerator, the Trainer's call moves the whole dataset there, once."""
+        if self.data_train is None:
+            train, val, test = self.splits()
+            self.data_train, self.data_val, self.data_test = (BatchTensorDataset(*s) for s in (train, val, test))
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        if device.type != "cpu":  # the whole dataset lives on the accelerator, moved once
+        if device.type != "cpu" and self.data_train.tensors[0].device != device:
             for ds in (self.data_train, self.data_val, self.data_test):
                 ds.to(device)
 
