@@ -174,3 +174,26 @@ def test_checkpoint_paths_stored_in_a_checkpoint_stay_inside_the_runs_checkpoint
     assert callback.kth_best_model_path == str(inside / "victim.ckpt")
     assert list(callback.best_k_models) == [str(inside / "victim.ckpt")]
     assert callback.last_model_path == ""
+
+
+MALFORMED = {
+    "random bytes": (None, r"cannot be loaded as a checkpoint \(not a PyTorch checkpoint of tensors and plain values; "
+                           r"pickled objects are never loaded\)"),
+    "hyper_parameters is text": (lambda c: c.__setitem__("hyper_parameters", "x"), "is not an mlplab checkpoint"),
+    "config is a list": (lambda c: c["hyper_parameters"].__setitem__("config", [1, 2]), "is not an mlplab checkpoint"),
+    "a weight is text": (lambda c: c["state_dict"].__setitem__(next(k for k in c["state_dict"] if k.startswith("net.")), "w"),
+                         r"does not fit this model and data: net\.\S+ is not a tensor there"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_checkpoint_is_one_line(trained, tmp_path, case):
+    edit, message = MALFORMED[case]
+    if edit is None:
+        ckpt = tmp_path / "shared.ckpt"
+        ckpt.write_bytes(bytes(range(256)) * 16)
+    else:
+        ckpt = _tampered(trained, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=message) as err:
+        evaluate(_eval_cfg(ckpt, tmp_path))
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)

@@ -262,7 +262,16 @@ def _torch_load(ckpt_path: Path) -> Any:
         return torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights only load failed" in first.lower():  # torch's text goes on to suggest weights_only=False
+            first = "not a PyTorch checkpoint of tensors and plain values; pickled objects are never loaded"
         raise CheckpointError(f"ckpt_path={ckpt_path} cannot be loaded as a checkpoint ({first})") from None
+
+
+def stored_config(ckpt: Any) -> dict | None:
+    """The run config a checkpoint stores (``hyper_parameters.config``), or None; never raises."""
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    config = hparams.get("config") if isinstance(hparams, dict) else None
+    return config if isinstance(config, dict) else None
 
 
 def _load_checkpoint(ckpt_path: Path) -> dict:
@@ -280,12 +289,11 @@ def check_checkpoint_fits(ckpt_path: Path, model: torch.nn.Module, ckpt: dict | 
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("net.")}
     if theirs != ours:
         diff = next((k for k in ours if theirs.get(k) != ours[k]), None) or next(k for k in theirs if k not in ours)
-        config = ckpt.get("hyper_parameters", {}).get("config") or {}
-        config = config if isinstance(config, dict) else {}
+        config = stored_config(ckpt) or {}
         trained = f"model {_stored_target(config, 'model')} on {_stored_target(config, 'data')}"
         raise CheckpointError(
             f"ckpt_path={ckpt_path} does not fit this model and data: {diff} is "
-            f"{list(theirs[diff]) if theirs.get(diff) is not None else 'absent'} there, "
+            f"{list(theirs[diff]) if theirs.get(diff) is not None else 'not a tensor' if diff in theirs else 'absent'} there, "
             f"{list(ours[diff]) if diff in ours else 'absent'} here (the checkpoint has {trained}); "
             "allowed: a checkpoint of the same model and data"
         )
@@ -310,7 +318,7 @@ def check_schedule_plan(ckpt_path: Path, ckpt: dict, cfg: DictConfig) -> None:
     target = str(OmegaConf.select(cfg, "scheduler._target_", default="") or "")
     if not target.endswith("OneCycleLR"):
         return
-    stored = (ckpt.get("hyper_parameters") or {}).get("config")
+    stored = stored_config(ckpt)
     planned = OmegaConf.select(OmegaConf.create(stored), "trainer.max_epochs", default=None) if isinstance(stored, dict) else None
     wanted = cfg.trainer.max_epochs
     if isinstance(planned, int) and planned != wanted:
@@ -330,7 +338,7 @@ def load_checkpoint_config(ckpt_path: Path, ckpt: dict | None = None) -> dict:
     """The training config stored in an mlplab checkpoint, checked before anything is built from it
     (:func:`mlplab.trust.check_stored_config`: only mlplab's own config-group classes)."""
     ckpt = ckpt if ckpt is not None else _torch_load(ckpt_path)
-    config = ckpt.get("hyper_parameters", {}).get("config") if isinstance(ckpt, dict) else None
+    config = stored_config(ckpt)
     if not isinstance(config, dict) or "data" not in config or "model" not in config:
         raise CheckpointError(f"ckpt_path={ckpt_path} is not an mlplab checkpoint (no stored run config)")
     check_stored_config(config, f"ckpt_path={ckpt_path}")
