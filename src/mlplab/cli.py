@@ -268,7 +268,7 @@ def check_resumable(cfg: DictConfig, previous: dict | None) -> None:
         raise ConfigError(
             f"resume={cfg.resume} completed its {done} epochs (run.json status ok), so there is nothing to resume; "
             f"allowed: resume={cfg.resume} trainer.max_epochs=N with N > {done} to train longer, "
-            f"or python src/eval.py ckpt_path={cfg.resume} to test it"
+            f"or python src/eval.py ckpt_path={Path(str(cfg.resume)) / 'checkpoints' / 'last.ckpt'} to test it"
         )
 
 

@@ -137,7 +137,7 @@ def untrusted_overrides(overrides: list[str]) -> list[tuple[str, str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise ConfigError("not a list of overrides")
+        raise ConfigError("something other than a list of overrides")
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception as err:
