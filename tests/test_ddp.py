@@ -29,7 +29,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-from conftest import CONF, REPO, compose_cfg
+from conftest import CONF, REPO, compose_cfg, run_cli
 from mlplab import distributed
 from mlplab.data import DigitsDataModule
 from mlplab.distributed import LAUNCH_ENV, child_command, ddp_job, external_rank_argv
@@ -297,24 +297,9 @@ def test_optuna_search_of_ddp_jobs(tmp_path):
     a trial's child rank is still one more rank of that trial, not a sweep of its own."""
     log_dir = tmp_path / "logs"
     sweep = log_dir / "search"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "src" / "train.py"),
-            "hparams_search=digits_optuna",
-            "trainer=ddp_cpu",
-            "hydra.sweeper.n_trials=2",
-            "trainer.max_epochs=1",
-            *CLI_QUICK[1:],
-            f"paths.log_dir={log_dir}",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **_env(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    args = ["hparams_search=digits_optuna", "trainer=ddp_cpu", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1",
+            *CLI_QUICK[1:], f"paths.log_dir={log_dir}", f"hydra.sweep.dir={sweep}"]
+    proc = run_cli("train", args, cwd=tmp_path, env=_env(tmp_path), timeout=240)
     _check_ok(proc)
     jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: p.name)
     assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1"]
