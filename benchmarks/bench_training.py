@@ -283,7 +283,7 @@ def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, a
         from omegaconf import open_dict
 
         from mlplab.cli import register_resolvers
-        from mlplab.training import train
+        from mlplab.engines import train
 
         register_resolvers()
         out = work / f"{engine}-{model}-{batch}"
@@ -304,8 +304,8 @@ def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, a
         _PACED_TIMER = _paced_epoch_timer(pacer)
         out.mkdir(parents=True)
         if engine == "ignite":
-            from mlplab.ignite_engine import fit_ignite
-            from mlplab.training import build_datamodule, build_net
+            from mlplab.engines.build import build_datamodule, build_net
+            from mlplab.engines.ignite import fit as fit_ignite
 
             dm = build_datamodule(cfg.data)
             seconds = _PacedSeconds(pacer, epochs)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_cfg, run_cli
-from mlplab.training import train
+from mlplab.engines import train
 
 QUIET = ["callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false"]
 

@@ -194,7 +194,7 @@ def test_a_checkpoint_save_never_writes_through_a_planted_symlink(tmp_path):
 
 def test_a_full_disk_in_epoch_2_stops_training_with_one_line_and_epoch_1_checkpoints_load(tmp_path, monkeypatch, one_torch_thread):
     from mlplab.callbacks import ModelCheckpoint
-    from mlplab.training import fit
+    from mlplab.engines import fit
 
     out = tmp_path / "run"
     ckpt_dir = out / "checkpoints"

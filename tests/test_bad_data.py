@@ -26,7 +26,7 @@ from conftest import QUICK, compose_cfg, run_cli, write_tiny_mnist
 from mlplab.data import MNISTDataModule
 from mlplab.errors import DataError
 from mlplab.models import Classifier
-from mlplab.training import fit, train
+from mlplab.engines import fit, train
 
 IMAGES, LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
 

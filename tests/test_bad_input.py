@@ -14,7 +14,7 @@ from conftest import QUICK, compose_cfg, run_cli
 from mlplab.cli import EXIT_USER_ERROR, CheckOutputDir, run_job
 from mlplab.errors import CheckpointError, ConfigError, DataError, MlplabError
 from mlplab.models import Classifier
-from mlplab.training import evaluate, fit, train
+from mlplab.engines import evaluate, fit, train
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from conftest import QUICK, REPO, compose_cfg, run_cli
 from mlplab.data import DigitsDataModule
-from mlplab.training import train
+from mlplab.engines import train
 
 # Quiet, short CLI runs. Every run also gets paths.log_dir (see _cli_args).
 CLI_QUICK = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false"]

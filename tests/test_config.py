@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf
 
 from conftest import CONF, QUICK, compose_cfg
-from mlplab.build import _instantiate_group, build_datamodule, build_net, build_trainer, check_targets
+from mlplab.engines.build import _instantiate_group, build_datamodule, build_net, build_trainer, check_targets
 from mlplab.callbacks import (
     DecisionBoundary,
     GradientNorms,
@@ -391,7 +391,7 @@ def test_every_train_config_resolves(tmp_path):
             validate_train_config(cfg)
 
 
-# -- mlplab.build: what a _target_ takes, checked before anything is built ----------------------
+# -- mlplab.engines.build: what a _target_ takes, checked before anything is built ----------------------
 
 
 @pytest.mark.parametrize(
@@ -449,9 +449,9 @@ def test_trainer_value_of_the_wrong_type_is_a_config_error(tmp_path):
 def test_net_the_allocator_refuses_says_what_it_asked_for(tmp_path, monkeypatch):
     """Past the pre-check against physical memory (off here), the allocation error itself is
     caught. 2.6 PB is more than a 47-bit address space: refused whatever the overcommit policy."""
-    import mlplab.build
+    import mlplab.engines.build
 
-    monkeypatch.setattr(mlplab.build, "_physical_memory", lambda: None)
+    monkeypatch.setattr(mlplab.engines.build, "_physical_memory", lambda: None)
     cfg = compose_cfg(QUICK + ["model.hidden_sizes=[10000000000000]"], tmp_path)
     dm = build_datamodule(cfg.data)
     with pytest.raises(ConfigError) as info:

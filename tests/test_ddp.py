@@ -35,7 +35,8 @@ from mlplab.data import DigitsDataModule
 from mlplab.distributed import LAUNCH_ENV, child_command, ddp_job, external_rank_argv
 from mlplab.errors import ConfigError
 from mlplab.runs import RUN_FILE, read_run_record
-from mlplab.training import build_datamodule, build_net, evaluate
+from mlplab.engines import evaluate
+from mlplab.engines.build import build_datamodule, build_net
 from test_cli import CLI_QUICK, _accumulator, _check_ok, _env, _run_dirs, _scalars, _summaries
 
 EVAL_BATCH = 100  # 449 test digits -> batches 100,100,100,100,49: padding would count one twice

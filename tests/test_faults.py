@@ -23,7 +23,7 @@ from mlplab import runs
 from mlplab.rundir import hold, resume_command
 
 from conftest import QUICK, REPO, assert_same_nested, compose_cfg, load_ckpt, run_cli
-from mlplab.training import train
+from mlplab.engines import train
 
 SEND_SIGNAL = "+callbacks.send_signal._target_=send_signal.SendSignal"
 ARGS = [*QUICK, "logger=none"]

@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import QUICK, compose_cfg
 from mlplab.errors import ConfigError
-from mlplab.training import train
+from mlplab.engines import train
 
 SCALARS = {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc"}
 
@@ -49,7 +49,7 @@ def test_unknown_engine(tmp_path):
 @pytest.mark.slow
 def test_compiled_run_checkpoints_load_uncompiled(tmp_path):
     """compile=true: torch.compile'd training; the best checkpoint evaluates in an uncompiled net."""
-    from mlplab.training import evaluate
+    from mlplab.engines import evaluate
 
     acc = train(compose_cfg([*QUICK, "trainer.max_epochs=2", "compile=true", "optimized_metric=test/acc"], tmp_path / "run"))
     best = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
@@ -70,9 +70,9 @@ def test_ignite_divergence_stops_before_that_epochs_checkpoints(tmp_path, monkey
 
     import torch
 
-    import mlplab.ignite_engine as ie
+    import mlplab.engines.ignite as ie
     from mlplab.errors import DivergenceError
-    from mlplab.training import build_datamodule
+    from mlplab.engines.build import build_datamodule
 
     cfg = compose_cfg([*QUICK, "engine=ignite", "trainer.max_epochs=3", "logger=none"], tmp_path / "run")
     dm = build_datamodule(cfg.data)
@@ -115,7 +115,7 @@ def test_ignite_huge_learning_rate_fails_the_run_in_one_line(tmp_path, capsys):
 
     from mlplab import runs
     from mlplab.cli import EXIT_USER_ERROR, run_job
-    from mlplab.training import fit
+    from mlplab.engines import fit
 
     out = tmp_path / "logs" / "runs" / "diverged"
     cfg = compose_cfg([*QUICK, "engine=ignite", "optimizer.lr=1e6"], out)

@@ -15,7 +15,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.profilers import SimpleProfiler
 from lightning.pytorch.trainer import call
 
-import mlplab.training as training
+import mlplab.engines.lightning as lightning_engine
+from mlplab.errors import ConfigError
+import mlplab.engines.run as engines_run
 from mlplab.data import DigitsDataModule
 from mlplab.lean import NullProfiler, TRAIN_BATCH_HOOKS, direct_steps_possible, trim_dispatch
 from mlplab.models import MLP, Classifier
@@ -80,10 +82,10 @@ def test_gradient_clipping_still_applies(tmp_path):
 
 def test_runs_use_the_null_profiler_unless_one_is_configured(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(training, "trim_dispatch", lambda trainer, module: seen.append(trainer.profiler))
+    monkeypatch.setattr(lightning_engine, "trim_dispatch", lambda trainer, module: seen.append(trainer.profiler))
     for extra in ([], ["+trainer.profiler=simple"]):
         cfg = compose_cfg([*QUICK, "data=digits", "trainer.max_epochs=1", "test=false", *extra], tmp_path / str(len(seen)))
-        training.fit(cfg)
+        engines_run.fit(cfg)
     assert isinstance(seen[0], NullProfiler)
     assert isinstance(seen[1], SimpleProfiler) and not isinstance(seen[1], NullProfiler)
     with NullProfiler().profile("anything") as action:
@@ -106,7 +108,7 @@ def _fit_record(tmp_path, steps_per_call: int, *overrides: str):
 
     out = tmp_path / f"k{steps_per_call}"
     cfg = compose_cfg([*QUICK, "data=digits", "data.batch_size=16", f"steps_per_call={steps_per_call}", *overrides], out)
-    metrics = training.fit(cfg)
+    metrics = engines_run.fit(cfg)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     events = EventAccumulator(str(next(out.rglob("events.out.tfevents*")).parent))
     events.Reload()
@@ -143,9 +145,9 @@ def test_fused_steps_fall_back_to_lightnings_loop_where_they_would_change_the_ru
         seen.append(steps)
         original(self, steps, batch_size)
 
-    with pytest.MonkeyPatch.context() as mp, caplog.at_level("INFO", logger="mlplab.training"):
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level("INFO", logger="mlplab.engines.lightning"):
         mp.setattr(Classifier, "fuse_steps", spy)
-        training.fit(compose_cfg([*QUICK, "data=digits", "test=false", "steps_per_call=8", override], tmp_path))
+        engines_run.fit(compose_cfg([*QUICK, "data=digits", "test=false", "steps_per_call=8", override], tmp_path))
     assert seen == [1]
     assert f"steps_per_call=8 -> 1 (one optimizer step per training_step) because of {reason}" in caplog.text
 
@@ -154,10 +156,10 @@ def test_fused_steps_fall_back_to_lightnings_loop_where_they_would_change_the_ru
 def test_a_checkpoint_continues_under_another_steps_per_call(tmp_path, first, then):
     """ckpt_path= from a run with another steps_per_call: the step count carries over."""
     common = [*QUICK, "data=digits", "logger=none", "test=false"]
-    training.fit(compose_cfg([*common, f"steps_per_call={first}"], tmp_path / "a"))
+    engines_run.fit(compose_cfg([*common, f"steps_per_call={first}"], tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     steps = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
-    training.fit(compose_cfg([*common, f"steps_per_call={then}", "trainer.max_epochs=2", f"ckpt_path={ckpt}"],
+    engines_run.fit(compose_cfg([*common, f"steps_per_call={then}", "trainer.max_epochs=2", f"ckpt_path={ckpt}"],
                              tmp_path / "b"))
     assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2 * steps
 
@@ -316,16 +318,17 @@ def test_runs_flush_denormals_unless_told_not_to_and_leave_the_callers_thread_as
         seen.append(lean._flushes_here())
         return False  # as when torch's worker threads were started before the run
     monkeypatch.setattr(lean, "flush_denormals", spy)
-    original_fit = training._fit
-    monkeypatch.setattr(training, "_fit", lambda cfg: seen.append(("in run", lean._flushes_here())) or original_fit(cfg))
+    original = engines_run.validate_train_config  # the run's first step, inside its flushing
+    monkeypatch.setattr(engines_run, "validate_train_config",
+                        lambda cfg: seen.append(("in run", lean._flushes_here())) or original(cfg))
     base = [*QUICK, "data=digits", "trainer.max_epochs=1", "test=false"]
     assert not lean._flushes_here()
-    with caplog.at_level("INFO", logger="mlplab.training"):
-        training.fit(compose_cfg(base, tmp_path / "a"))
+    with caplog.at_level("INFO", logger="mlplab.engines.run"):
+        engines_run.fit(compose_cfg(base, tmp_path / "a"))
     assert seen == [True, ("in run", True)]
     assert not lean._flushes_here()  # restored: numpy, hypothesis, the next cell compute as before
     assert "only the main thread flushes denormal floats" in caplog.text
-    training.fit(compose_cfg([*base, "flush_denormal=false"], tmp_path / "b"))
+    engines_run.fit(compose_cfg([*base, "flush_denormal=false"], tmp_path / "b"))
     assert seen[2:] == [("in run", False)]
-    with pytest.raises(training.ConfigError, match="flush_denormal='yes' is invalid; allowed: true, false"):
-        training.fit(compose_cfg([*base, "flush_denormal=yes"], tmp_path / "c"))
+    with pytest.raises(ConfigError, match="flush_denormal='yes' is invalid; allowed: true, false"):
+        engines_run.fit(compose_cfg([*base, "flush_denormal=yes"], tmp_path / "c"))

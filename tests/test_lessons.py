@@ -17,7 +17,8 @@ from mlplab.config import validate_train_config
 from mlplab.data import MoonsDataModule, XORDataModule
 from mlplab.errors import ConfigError
 from mlplab.models import MLP, CrossEntropy, SquaredError
-from mlplab.training import build_datamodule, build_loss, build_net, train
+from mlplab.engines import train
+from mlplab.engines.build import build_datamodule, build_loss, build_net
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -280,7 +281,7 @@ def test_lesson_presets_compose_and_build(tmp_path, preset):
 def test_xor_preset_learns_xor_and_eval_reproduces_it(tmp_path):
     """Lesson A: the 2-2-1 sigmoid net with squared error classifies all four points; eval.py
     rebuilds net *and loss* from the checkpoint (same test/loss, a squared error)."""
-    from mlplab.training import evaluate, fit
+    from mlplab.engines import evaluate, fit
 
     cfg = compose_cfg([*QUIET, "experiment=xor"], tmp_path / "run")
     assert cfg.model.single_output and cfg.model.output_activation == "sigmoid"
@@ -346,7 +347,7 @@ def _real(real_data_dir) -> list[str]:
 def test_mnist_tp_preset(tmp_path, real_data_dir):
     """Lesson C in torch: 32 sigmoid units, squared error, batch 512, 10 epochs."""
     cfg = compose_cfg([*QUIET, "experiment=mnist_tp", *_real(real_data_dir)], tmp_path)
-    from mlplab.training import fit
+    from mlplab.engines import fit
 
     metrics = fit(cfg)
     assert metrics["test/acc"] >= 0.92 and metrics["epochs"] == 10
@@ -355,7 +356,7 @@ def test_mnist_tp_preset(tmp_path, real_data_dir):
 @pytest.mark.slow
 def test_lesson_d_models_preset(tmp_path, real_data_dir):
     """Lesson D's three nets at its small lr: SimpleNet and ReLU learn, SigmoidNet stays near chance."""
-    from mlplab.training import fit
+    from mlplab.engines import fit
 
     acc = {}
     for model in ("simple_net", "sigmoid_net", "relu_net"):
@@ -367,7 +368,7 @@ def test_lesson_d_models_preset(tmp_path, real_data_dir):
 
 @pytest.mark.slow
 def test_dropout_preset_shows_overfitting(tmp_path):
-    from mlplab.training import fit
+    from mlplab.engines import fit
 
     runs = {p: fit(compose_cfg([*QUIET, "experiment=dropout", f"model.dropout={p}"], tmp_path / str(p))) for p in (0.0, 0.5)}
     plain, dropout = runs[0.0], runs[0.5]
@@ -387,7 +388,7 @@ def test_digits_keras_presets(tmp_path):
 
 def test_ignite_engine_uses_the_configured_loss_and_single_output(tmp_path):
     """engine=ignite trains the xor preset's one-output net with squared error."""
-    from mlplab.training import fit
+    from mlplab.engines import fit
 
     metrics = fit(compose_cfg([*QUIET, "experiment=xor", "engine=ignite"], tmp_path))
     assert metrics["test/acc"] == 1.0 and 0.0 < metrics["test/loss"] < 0.1

@@ -10,7 +10,7 @@ from torch import nn
 from conftest import QUICK, compose_cfg, linears, write_tiny_mnist
 from mlplab.errors import ConfigError
 from mlplab.models import MLP, Classifier, SigmoidNet, SimpleNet
-from mlplab.training import train
+from mlplab.engines import train
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

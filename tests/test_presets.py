@@ -17,7 +17,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import CONF, REPO, compose_cfg, write_tiny_mnist
-from mlplab.training import fit
+from mlplab.engines import fit
 
 QUIET = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false"]
 

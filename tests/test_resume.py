@@ -28,7 +28,7 @@ from mlplab.cli import EXIT_USER_ERROR, CheckOutputDir, expand_resume, run_job
 from mlplab.data import BatchSliceSampler, DigitsDataModule, split_indices
 from mlplab.errors import CheckpointError, ConfigError, DivergenceError, RunInterrupted
 from mlplab.models import Classifier
-from mlplab.training import fit, train
+from mlplab.engines import fit, train
 
 EPOCHS = 2
 # Dropout makes the result depend on the global RNG state as well as on the data order.
@@ -147,7 +147,7 @@ def test_interrupted_message_survives_an_unreadable_last_ckpt(tmp_path: Path) ->
     """The one-line interruption message reads last.ckpt's epoch; a damaged file is named, not a traceback."""
     from types import SimpleNamespace
 
-    from mlplab.training import _interrupted
+    from mlplab.engines.lightning import _interrupted
 
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()

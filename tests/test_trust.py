@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mlplab.errors import CheckpointError, ConfigError
-from mlplab.training import evaluate, fit
+from mlplab.engines import evaluate, fit
 from mlplab.trust import allowed_targets, check_stored_overrides
 
 from conftest import QUICK, compose_cfg, run_cli

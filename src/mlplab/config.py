@@ -37,8 +37,8 @@ def validate_optimizer(cfg: DictConfig) -> None:
             f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {opt.get('momentum')}); "
             "allowed: set a momentum or nesterov=false"
         )
-    # Its keys are checked against its signature by mlplab.build.check_targets, its other
-    # values by a trial build on the net's parameters (mlplab.build.build_optimizer).
+    # Its keys are checked against its signature by mlplab.engines.build.check_targets, its other
+    # values by a trial build on the net's parameters (mlplab.engines.build.build_optimizer).
 
 
 def validate_trainer(cfg: DictConfig) -> None:
@@ -144,10 +144,10 @@ def validate_ckpt_path(key: str, path: Any) -> Path:
 def validate_train_config(cfg: DictConfig) -> None:
     """Everything train() can check before building data, net or Trainer.
 
-    Includes :func:`mlplab.build.check_targets` (unknown keys, keys a ``_target_`` does
+    Includes :func:`mlplab.engines.build.check_targets` (unknown keys, keys a ``_target_`` does
     not take).
     """
-    from mlplab.build import check_targets
+    from mlplab.engines.build import check_targets
 
     int_in("seed", cfg.get("seed"), low=min_seed_value, high=max_seed_value)  # seed_everything's range
     if cfg.get("data") is None or cfg.get("model") is None:

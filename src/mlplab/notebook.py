@@ -66,7 +66,7 @@ def train(overrides: Sequence[str] | DictConfig = ()) -> Run:
     Takes overrides or a config from :func:`compose`. A bad value raises
     :class:`~mlplab.errors.ConfigError` before anything is trained.
     """
-    from mlplab.training import fit
+    from mlplab.engines import fit
 
     cfg = overrides if isinstance(overrides, DictConfig) else compose(overrides)
     out = Path(cfg.paths.output_dir)

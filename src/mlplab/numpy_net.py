@@ -15,7 +15,7 @@ the students write it:
 
 The tests check that for the same weights its gradients equal torch autograd's on
 :class:`mlplab.models.MLP` (sigmoid hidden and output, ``loss=mse``) to 1e-6 in float64, and
-that it learns XOR; ``model=numpy_mlp`` trains it on any DataModule (:mod:`mlplab.numpy_engine`).
+that it learns XOR; ``model=numpy_mlp`` trains it on any DataModule (:mod:`mlplab.engines.numpy`).
 
 ``reduction`` says how a batch's per-sample losses combine: ``"sum"`` (Lesson C's formula)
 or ``"mean"`` (what training uses, like :class:`mlplab.models.SquaredError`: the learning

@@ -207,7 +207,7 @@ class TensorDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         if self.expected_pool_size is not None:
             self.split_sizes(self.expected_pool_size)
-        #: Minibatches per training batch (set by mlplab.training for fused steps): a training
+        #: Minibatches per training batch (set by mlplab.engines.lightning for fused steps): a training
         #: batch is then a block of up to ``steps_per_call * batch_size`` rows, the same
         #: minibatches back to back, which ``Classifier.fuse_steps`` cuts apart again.
         self.steps_per_call = 1

@@ -170,7 +170,7 @@ class Classifier(L.LightningModule):
         length) would leave the added epochs at lr 0. The schedule becomes the one this run
         planned, as if it had been planned so from the start (the lr of the current epoch on
         the new curve); a schedule that spans the run's steps (one-cycle) is refused before
-        training instead (:func:`mlplab.training.check_schedule_plan`).
+        training instead (:func:`mlplab.engines.checkpoints.check_schedule_plan`).
         """
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
