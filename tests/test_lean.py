@@ -1,4 +1,4 @@
-"""mlplab.lean: Lightning's per-step dispatch trimmed, with the same results."""
+"""mlplab.lightning_ext.fastpath and mlplab.lean: Lightning's per-step dispatch trimmed, with the same results."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import mlplab.engines.lightning as lightning_engine
 from mlplab.errors import ConfigError
 import mlplab.engines.run as engines_run
 from mlplab.data import DigitsDataModule
-from mlplab.lean import NullProfiler, TRAIN_BATCH_HOOKS, direct_steps_possible, trim_dispatch
+from mlplab.lightning_ext.fastpath import NullProfiler, TRAIN_BATCH_HOOKS, direct_steps_possible, trim_dispatch
 from mlplab.models import MLP, Classifier
 
 from conftest import QUICK, compose_cfg
@@ -186,9 +186,9 @@ class _Probe(Classifier):
         self.log("probe/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
 
-def _fused_trace(tmp_path, direct: bool):
+def _fused_trace(tmp_path, direct: bool, spy: L.Callback | None = None):
     L.seed_everything(0, verbose=False)
-    spy = _StepSpy()
+    spy = spy if spy is not None else _StepSpy()
     trainer = _trainer(tmp_path, callbacks=[spy], profiler=NullProfiler(), enable_progress_bar=False, max_epochs=2)
     torch.manual_seed(0)
     model = _Probe(MLP(64, 10, hidden_sizes=(32,)), 10, optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
@@ -217,6 +217,54 @@ def test_direct_steps_make_lightnings_calls_in_lightnings_order(tmp_path):
     assert direct == lightning
     assert trainer.callback_metrics["probe/lr"] == lightning_trainer.callback_metrics["probe/lr"] == pytest.approx(0.1)
     assert all(torch.equal(weights[k], lightning_weights[k]) for k in weights)
+
+
+def _described(value):
+    """A value a hook received, as a comparable record (tensors by shape and sum)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), round(float(value.detach().double().sum()), 6) if value.numel() else 0.0)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_described(v) for v in value)
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted(map(str, value))))  # a checkpoint: its keys
+    return type(value).__name__
+
+
+def _every_hook_spy() -> L.Callback:
+    """A callback that overrides every hook of Lightning's ``Callback`` (whatever this version has)
+    and records each call: the hook, the step count, the hook name the module exposes, the arguments."""
+    hooks = sorted(n for n in vars(L.Callback) if n.startswith("on_") or n in ("setup", "teardown"))
+
+    def recorder(name):
+        def hook(self, trainer, pl_module, *args, **kwargs):
+            self.trace.append((name, trainer.global_step, getattr(pl_module, "_current_fx_name", None),
+                               _described(args), _described(dict(sorted(kwargs.items())))))
+        return hook
+
+    def init(self):
+        self.trace = []
+
+    spy = type("EveryHook", (L.Callback,), {"__init__": init, **{n: recorder(n) for n in hooks}})()
+    assert len(hooks) > 30  # Lightning 2.6 has ~40
+    return spy
+
+
+def test_canary_the_fast_path_calls_every_hook_lightning_calls(tmp_path):
+    """A callback overriding every Lightning hook sees the same calls, in the same order, with the
+    same arguments, through the fast path (trimmed dispatch, direct steps) and through Lightning's
+    own dispatch. A hook a new Lightning version adds or moves fails here instead of being skipped."""
+    fast, trainer, weights = _fused_trace(tmp_path / "fast", direct=True, spy=_every_hook_spy())
+    own, own_trainer, own_weights = _fused_trace(tmp_path / "own", direct=False, spy=_every_hook_spy())
+    assert trainer.global_step == own_trainer.global_step > 16
+    called = {entry[0] for entry in own}
+    assert {"on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_train_batch_end",
+            "on_validation_batch_end", "on_save_checkpoint", "on_train_epoch_end"} <= called
+    assert len(fast) == len(own)
+    for i, (a, b) in enumerate(zip(fast, own)):
+        assert a == b, (i, a, b)
+    assert all(torch.equal(weights[k], own_weights[k]) for k in weights)
 
 
 @pytest.mark.parametrize("change", ["profiler", "precision", "backward"])

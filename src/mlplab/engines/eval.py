@@ -32,7 +32,7 @@ from mlplab.engines.lightning import (
 )
 from mlplab.engines.run import denormals, load_data, report
 from mlplab.hparams import flat_hparams, log_hparams
-from mlplab.lean import trim_dispatch
+from mlplab.lightning_ext.fastpath import trim_dispatch
 from mlplab.models import Classifier
 
 

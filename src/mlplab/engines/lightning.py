@@ -38,7 +38,8 @@ from mlplab.engines.checkpoints import (
 )
 from mlplab.errors import RunInterrupted
 from mlplab.hparams import flat_hparams, log_hparams
-from mlplab.lean import NullProfiler, trim_dispatch
+from mlplab import lightning_ext
+from mlplab.lightning_ext.fastpath import NullProfiler, trim_dispatch
 from mlplab.models import Classifier
 from mlplab.rundir import checkpoint_progress, newest_last_checkpoint, resume_command
 from mlplab.runs import mark_training_started
@@ -144,6 +145,7 @@ def _steps_per_call(cfg: DictConfig, trainer: L.Trainer) -> int:
     if steps == 1:
         return 1
     reasons = {
+        f"lightning {L.__version__} (not one mlplab.lightning_ext was verified against)": not lightning_ext.supported(),
         "more than one process (DDP)": trainer.num_devices * trainer.num_nodes > 1,
         "trainer.gradient_clip_val": bool(trainer.gradient_clip_val),
         "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches != 1,
@@ -164,7 +166,7 @@ def _all_batches(value: Any) -> bool:
 
 
 def profiler_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """No ``trainer.profiler`` configured: the free :class:`~mlplab.lean.NullProfiler`."""
+    """No ``trainer.profiler`` configured: the free :class:`~mlplab.lightning_ext.fastpath.NullProfiler`."""
     return {} if cfg.trainer.get("profiler") else {"profiler": NullProfiler()}
 
 
