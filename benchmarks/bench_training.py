@@ -271,7 +271,7 @@ def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, a
     if engine != "mlplab":  # mlplab's train() does both by itself
         # Denormal floats flushed to zero before torch starts its threads, and freed memory
         # kept on the heap, as mlplab's runs do: the floor gets them too, so that the ratios
-        # measure the frameworks, not denormal arithmetic or page faults (README, "Speed");
+        # measure the frameworks, not denormal arithmetic or page faults (docs: Speed);
         # ignite is started below without train().
         flush_denormals()
         reuse_freed_memory()

@@ -99,7 +99,7 @@ def denormals(cfg: DictConfig) -> Iterator[None]:
             log.info(
                 "flush_denormal: only the main thread flushes denormal floats; torch's worker threads were started "
                 "before this run (by an earlier computation in this process) and keep them, which can slow CPU "
-                "training (README, 'Speed'); call mlplab.lean.flush_denormals() before any torch computation to "
+                "training (docs: Speed); call mlplab.lean.flush_denormals() before any torch computation to "
                 "cover them"
             )
         yield

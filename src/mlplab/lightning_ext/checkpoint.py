@@ -28,7 +28,7 @@ class ModelCheckpoint(_LightningModelCheckpoint):
       that saves (Lightning's behaviour before 2.6).
     - **No second dump of the same state.** When the epoch has just saved a top-k
       checkpoint, ``last.ckpt`` becomes a hard link to that file instead of a second
-      serialisation (3-5 ms an epoch on 2 CPU cores). The two dumps would differ only in
+      serialisation (a few ms an epoch on a CPU). The two dumps would differ only in
       this callback's ``last_model_path``, so that is set to the last path *before* the
       top-k save: the top-k file is byte for byte what the second dump would have written.
       The link is made atomically (:func:`mlplab.atomic.atomic_link`: a fresh temporary

@@ -1,7 +1,7 @@
 """Lean epoch metrics for the step: the per-sample mean loss and top-1 accuracy.
 
 ``torchmetrics.classification.MulticlassAccuracy`` goes through the general stat-scores
-machinery (one-hot/bincount per class): ~150 us per update on a CPU step here, and
+machinery (one-hot/bincount per class), a large share of a small CPU step, and
 ``torchmetrics.MeanMetric`` checks every update for NaNs (a host sync per step) and,
 with ``nan_strategy="disable"``, drops the weights (torchmetrics 1.9): the epoch value
 would be the unweighted mean of batch means, which changes with how the samples are
