@@ -24,6 +24,7 @@ QUIET = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0", "trainer.enable
 #: conf/<path>.yaml -> "<test file>::<test>" that runs it (a parametrized test runs each case).
 RUN_BY = {
     "train": "test_accuracy.py::test_digits_relu_mlp_reaches_95_percent",
+    "_lesson": "test_lessons.py::test_xor_preset_learns_xor_and_eval_reproduces_it",  # in every lesson preset
     "eval": "test_cli.py::test_eval_reproduces_train_test_accuracy",
     "augment/none": "test_accuracy.py::test_digits_relu_mlp_reaches_95_percent",
     "augment/affine": "test_lessons.py::test_affine_augmentation_changes_training_batches_only",

@@ -18,6 +18,7 @@ from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab.errors import CheckpointError, ConfigError
+from mlplab.groups import choices
 from mlplab.validation import int_in, non_negative_number, positive_int, positive_number
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 def validate_optimizer(cfg: DictConfig) -> None:
     opt = cfg.get("optimizer")
     if opt is None:
-        raise ConfigError("optimizer is missing; allowed: optimizer=sgd|adam")
+        raise ConfigError(f"optimizer is missing; allowed: {choices('optimizer')}")
     positive_number("optimizer.lr", opt.get("lr"))
     if "momentum" in opt:
         non_negative_number("optimizer.momentum", opt.momentum, below=1.0)
@@ -44,7 +45,7 @@ def validate_optimizer(cfg: DictConfig) -> None:
 def validate_trainer(cfg: DictConfig) -> None:
     trainer = cfg.get("trainer")
     if trainer is None:
-        raise ConfigError("trainer is missing; allowed: trainer=default|cpu|gpu|ddp|ddp_cpu")
+        raise ConfigError(f"trainer is missing; allowed: {choices('trainer')}")
     positive_int("trainer.max_epochs", trainer.get("max_epochs"))
     if trainer.get("min_epochs") is not None:
         int_in("trainer.min_epochs", trainer.min_epochs, low=0)
@@ -151,7 +152,7 @@ def validate_train_config(cfg: DictConfig) -> None:
 
     int_in("seed", cfg.get("seed"), low=min_seed_value, high=max_seed_value)  # seed_everything's range
     if cfg.get("data") is None or cfg.get("model") is None:
-        raise ConfigError("data and model must be chosen; allowed: data=digits|mnist|fashion_mnist|xor|moons, model=simple_net|sigmoid_net|relu_mlp|numpy_mlp")
+        raise ConfigError(f"data and model must be chosen; allowed: {choices('data')}, {choices('model')}")
     check_targets(cfg)
     validate_optimizer(cfg)
     validate_trainer(cfg)

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mlplab.data import TensorDataModule
 from mlplab.errors import ConfigError, MlplabError
+from mlplab.groups import choices
 from mlplab.models import ClassificationLoss, CrossEntropy
 from mlplab.models.classifier import build_scheduler
 
@@ -465,7 +466,7 @@ def build_loss(cfg: DictConfig) -> ClassificationLoss:
     node = cfg.get("loss")
     loss = _instantiate_checked(node, "loss") if node else CrossEntropy()
     if not isinstance(loss, ClassificationLoss):
-        raise ConfigError(f"loss._target_={node.get('_target_')} is not an mlplab loss; allowed: loss=cross_entropy|mse")
+        raise ConfigError(f"loss._target_={node.get('_target_')} is not an mlplab loss; allowed: {choices('loss')}")
     return loss
 
 
