@@ -15,24 +15,43 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import OmegaConf, open_dict
 
 from conftest import CONF, QUICK, compose_cfg
-from mlplab.engines.build import _instantiate_group, build_datamodule, build_loss, build_net, build_trainer, check_targets
 from mlplab.callbacks import (
     DecisionBoundary,
     GradientNorms,
     MisclassifiedImages,
+    ProgressBar,
     SampleInputs,
     TestReport,
     WeightHistograms,
 )
 from mlplab.config import validate_optimizer, validate_train_config, validate_trainer
 from mlplab.data import DigitsDataModule, FashionMNISTDataModule, MNISTDataModule
+from mlplab.engines.build import (
+    _instantiate_group,
+    build_datamodule,
+    build_loss,
+    build_net,
+    build_trainer,
+    check_targets,
+)
 from mlplab.errors import ConfigError
 from mlplab.groups import group_options
 from mlplab.models import MLP, SigmoidNet, SimpleNet
 
-
 #: The groups every train config is composed with, each option in turn (test_every_train_config_resolves).
-GROUPS = ("data", "augment", "model", "loss", "optimizer", "scheduler", "trainer", "logger", "callbacks", "debug", "experiment")
+GROUPS = (
+    "data",
+    "augment",
+    "model",
+    "loss",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "logger",
+    "callbacks",
+    "debug",
+    "experiment",
+)
 
 
 def _files(group: str) -> set[str]:
@@ -102,8 +121,14 @@ def test_default_train_config(tmp_path):
     assert cfg.trainer.accelerator == "auto" and cfg.trainer.devices == 1 and cfg.trainer.max_epochs == 10
     assert set(cfg.logger) == {"tensorboard"}
     assert set(cfg.callbacks) == {
-        "model_checkpoint", "progress_bar",
-        "gradient_norms", "weight_histograms", "sample_inputs", "test_report", "misclassified", "decision_boundary",
+        "model_checkpoint",
+        "progress_bar",
+        "gradient_norms",
+        "weight_histograms",
+        "sample_inputs",
+        "test_report",
+        "misclassified",
+        "decision_boundary",
     }
     assert cfg.engine == "lightning"
     assert cfg.seed == 42 and cfg.ckpt_path is None and cfg.test is True
@@ -175,7 +200,9 @@ def test_model_options_build_nets_sized_from_the_data(tmp_path, model, data, cls
     assert out.shape == (3, 10)
 
 
-@pytest.mark.parametrize("overrides", [[], ["optimizer.lr=0.2", "optimizer.momentum=0.0", "optimizer.weight_decay=0.001"]])
+@pytest.mark.parametrize(
+    "overrides", [[], ["optimizer.lr=0.2", "optimizer.momentum=0.0", "optimizer.weight_decay=0.001"]]
+)
 def test_sgd_partial_applies_to_a_nets_parameters(tmp_path, overrides):
     cfg = compose_cfg(["optimizer=sgd", *overrides], tmp_path)
     dm = build_datamodule(cfg.data)
@@ -213,7 +240,11 @@ def test_scheduler_cosine_anneals_over_max_epochs(tmp_path, epochs):
 # -- trainer ---------------------------------------------------------------------------------
 
 
-CPU_TRAINER_CASES = [("default", "SingleDeviceStrategy", 1), ("cpu", "SingleDeviceStrategy", 1), ("ddp_cpu", "HydraDDPStrategy", 2)]
+CPU_TRAINER_CASES = [
+    ("default", "SingleDeviceStrategy", 1),
+    ("cpu", "SingleDeviceStrategy", 1),
+    ("ddp_cpu", "HydraDDPStrategy", 2),
+]
 
 
 @pytest.mark.parametrize(("option", "strategy_cls", "num_devices"), CPU_TRAINER_CASES)
@@ -286,9 +317,9 @@ DIAGNOSTICS = [GradientNorms, WeightHistograms, SampleInputs, TestReport, Miscla
 
 
 CALLBACK_CASES = [
-    ("default", [ModelCheckpoint, TQDMProgressBar, *DIAGNOSTICS]),
-    ("early_stopping", [ModelCheckpoint, TQDMProgressBar, EarlyStopping, *DIAGNOSTICS]),
-    ("diagnostics", [ModelCheckpoint, TQDMProgressBar, *DIAGNOSTICS]),
+    ("default", [ModelCheckpoint, ProgressBar, *DIAGNOSTICS]),
+    ("early_stopping", [ModelCheckpoint, ProgressBar, EarlyStopping, *DIAGNOSTICS]),
+    ("diagnostics", [ModelCheckpoint, ProgressBar, *DIAGNOSTICS]),
     ("none", []),
 ]
 
@@ -428,12 +459,23 @@ def test_every_train_config_resolves(tmp_path):
     [
         (
             ["logger=csv", "+logger.csv.flush_logs_every_n_step=5"],
-            ["logger.csv.flush_logs_every_n_step=5 is invalid: lightning.pytorch.loggers.CSVLogger has no such option",
-             "(did you mean flush_logs_every_n_steps?)"],
+            [
+                "logger.csv.flush_logs_every_n_step=5 is invalid: lightning.pytorch.loggers.CSVLogger has no such option",
+                "(did you mean flush_logs_every_n_steps?)",
+            ],
         ),
-        (["+model.input_dim=5"], ["model.input_dim=5 is invalid: mlplab sets it (from the data)", "allowed keys: hidden_sizes"]),
-        (["augment=affine", "+data.augment.bogus=1"], ["data.augment.bogus=1", "kornia.augmentation.RandomAffine has no such option"]),
-        (["model._target_=torch.nn.Nope"], ["model._target_='torch.nn.Nope' cannot be imported", "allowed: an importable"]),
+        (
+            ["+model.input_dim=5"],
+            ["model.input_dim=5 is invalid: mlplab sets it (from the data)", "allowed keys: hidden_sizes"],
+        ),
+        (
+            ["augment=affine", "+data.augment.bogus=1"],
+            ["data.augment.bogus=1", "kornia.augmentation.RandomAffine has no such option"],
+        ),
+        (
+            ["model._target_=torch.nn.Nope"],
+            ["model._target_='torch.nn.Nope' cannot be imported", "allowed: an importable"],
+        ),
     ],
     ids=["logger key", "key the run sets", "nested target", "no such target"],
 )
@@ -455,13 +497,18 @@ def test_check_targets_lets_kwargs_targets_and_every_preset_through(tmp_path):
 
 def test_unknown_top_level_key_of_eval_names_eval_yaml(tmp_path):
     cfg = compose_cfg(["ckpt_path=x.ckpt", "+sead=1"], tmp_path, config_name="eval")
-    with pytest.raises(ConfigError, match=r"sead=1 is invalid: eval\.yaml .* allowed keys: callbacks, ckpt_path, data, "):
+    with pytest.raises(
+        ConfigError, match=r"sead=1 is invalid: eval\.yaml .* allowed keys: callbacks, ckpt_path, data, "
+    ):
         check_targets(cfg)
 
 
 def test_nested_target_refusal_names_the_nested_node(tmp_path):
     cfg = compose_cfg(QUICK + ["augment=affine", "data.augment.degrees=abc"], tmp_path)
-    with pytest.raises(ConfigError, match=r"^data\.augment: kornia\.augmentation\.RandomAffine rejected the config \(data\.augment\.degrees='abc'\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data\.augment: kornia\.augmentation\.RandomAffine rejected the config \(data\.augment\.degrees='abc'\)",
+    ):
         build_datamodule(cfg.data)
 
 
@@ -486,6 +533,8 @@ def test_net_the_allocator_refuses_says_what_it_asked_for(tmp_path, monkeypatch)
     with pytest.raises(ConfigError) as info:
         build_net(cfg.model, dm)
     msg = str(info.value)
-    assert msg.startswith("model.hidden_sizes=[10000000000000] is too large: mlplab.models.MLP would have "
-                          "750,000,000,000,010 parameters (3.0 PB), which this machine cannot allocate"), msg
+    assert msg.startswith(
+        "model.hidden_sizes=[10000000000000] is too large: mlplab.models.MLP would have "
+        "750,000,000,000,010 parameters (3.0 PB), which this machine cannot allocate"
+    ), msg
     assert "\n" not in msg and "allowed: a net that fits in memory" in msg

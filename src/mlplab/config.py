@@ -130,10 +130,14 @@ def _valid_devices(devices: Any) -> bool:
 def validate_ckpt_path(key: str, path: Any) -> Path:
     """An existing, readable file; returns it as a Path."""
     if path is None or str(path).strip() == "":
-        raise CheckpointError(f"{key} is not set; allowed: the path of a .ckpt file, e.g. {key}=logs/runs/.../checkpoints/last.ckpt")
+        raise CheckpointError(
+            f"{key} is not set; allowed: the path of a .ckpt file, e.g. {key}=logs/runs/.../checkpoints/last.ckpt"
+        )
     p = Path(str(path)).expanduser()
     if not p.is_file():
-        raise CheckpointError(f"{key}={path} does not exist or is not a file; allowed: the path of a readable .ckpt file")
+        raise CheckpointError(
+            f"{key}={path} does not exist or is not a file; allowed: the path of a readable .ckpt file"
+        )
     try:
         with p.open("rb"):
             pass
@@ -165,7 +169,13 @@ def validate_train_config(cfg: DictConfig) -> None:
     if metric is not None and metric not in allowed:
         raise ConfigError(f"optimized_metric={metric!r} is invalid; allowed: {', '.join(allowed)} or null")
     out = OmegaConf.select(cfg, "paths.output_dir", default=None)
-    if out is not None and cfg.get("ckpt_path") is None and cfg.get("resume") is None and (Path(out) / "checkpoints").is_dir() and any((Path(out) / "checkpoints").iterdir()):
+    if (
+        out is not None
+        and cfg.get("ckpt_path") is None
+        and cfg.get("resume") is None
+        and (Path(out) / "checkpoints").is_dir()
+        and any((Path(out) / "checkpoints").iterdir())
+    ):
         raise ConfigError(
             f"paths.output_dir={out} already holds checkpoints of an earlier run; allowed: a new output dir "
             "(leave hydra.run.dir at its default, which is unique per run)"
