@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REPO
 from mlplab.engines.run import ENGINES, check_engine_trains
 from mlplab.errors import ConfigError
 from mlplab.numpy_net import NumpyMLP
-
-from conftest import REPO
 
 PACKAGE = REPO / "src" / "mlplab"
 
@@ -39,7 +38,9 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                    )
                 for alias in node.names:
                     full = f"{base}.{alias.name}"
                     deps.add(full if full in modules else base)
@@ -103,7 +104,9 @@ def test_each_engine_is_a_module_with_fit():
 def test_the_numpy_net_and_the_numpy_engine_go_together():
     numpy_net = NumpyMLP([4, 3, 2])
     check_engine_trains("numpy", numpy_net)
-    with pytest.raises(ConfigError, match=r"engine=lightning cannot train NumpyMLP; allowed: model=numpy_mlp with engine=numpy"):
+    with pytest.raises(
+        ConfigError, match=r"engine=lightning cannot train NumpyMLP; allowed: model=numpy_mlp with engine=numpy"
+    ):
         check_engine_trains("lightning", numpy_net)
     with pytest.raises(ConfigError, match=r"engine=numpy cannot train Linear"):
         check_engine_trains("numpy", __import__("torch").nn.Linear(2, 2))
@@ -112,7 +115,10 @@ def test_the_numpy_net_and_the_numpy_engine_go_together():
 # -- one fence for Lightning's private API ----------------------------------------------------------
 
 FENCE = PACKAGE / "lightning_ext"
-_DEFINED = re.compile(r"^\s*(?:def|class)\s+(_[A-Za-z]\w*)|self\.(_[A-Za-z]\w*)\s*(?::[^=\n]*)?=[^=]|^(_[A-Za-z]\w*)\s*(?::[^=\n]*)?=[^=]", re.M)
+_DEFINED = re.compile(
+    r"^\s*(?:def|class)\s+(_[A-Za-z]\w*)|self\.(_[A-Za-z]\w*)\s*(?::[^=\n]*)?=[^=]|^(_[A-Za-z]\w*)\s*(?::[^=\n]*)?=[^=]",
+    re.M,
+)
 
 
 def _lightning_private_names() -> set[str]:
@@ -131,7 +137,11 @@ def private_lightning_uses(source: str, lightning_private: set[str], ours: set[s
     hits = []
     tree = ast.parse(source)
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric"):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in (
+            "lightning",
+            "pytorch_lightning",
+            "lightning_fabric",
+        ):
             private = [a.name for a in node.names if a.name.startswith("_")]
             if private or any(part.startswith("_") for part in node.module.split(".")):
                 hits.append(f"line {node.lineno}: from {node.module} import {', '.join(private) or '...'}")
@@ -176,27 +186,37 @@ def lightning_overrides(module_name: str) -> list[str]:
 
 def test_only_lightning_ext_knows_lightnings_private_api():
     lightning_private = _lightning_private_names()
-    assert {"_current_fx_name", "_batches_that_stepped", "_save_topk_checkpoint", "_SubprocessScriptLauncher"} <= lightning_private
+    assert {
+        "_current_fx_name",
+        "_batches_that_stepped",
+        "_save_topk_checkpoint",
+        "_SubprocessScriptLauncher",
+    } <= lightning_private
     outside = [p for p in PACKAGE.rglob("*.py") if not p.is_relative_to(FENCE)]
     ours = _our_private_names(outside)
-    hits = {str(p.relative_to(PACKAGE)): private_lightning_uses(p.read_text(), lightning_private, ours) for p in outside}
+    hits = {
+        str(p.relative_to(PACKAGE)): private_lightning_uses(p.read_text(), lightning_private, ours) for p in outside
+    }
     for path in outside:
         hits[str(path.relative_to(PACKAGE))] += lightning_overrides(_module_name(path))
     assert {k: v for k, v in hits.items() if v} == {}
-    inside = {str(p.relative_to(PACKAGE)) for p in FENCE.rglob("*.py")
-              if private_lightning_uses(p.read_text(), lightning_private, set()) or lightning_overrides(_module_name(p))}
+    inside = {
+        str(p.relative_to(PACKAGE))
+        for p in FENCE.rglob("*.py")
+        if private_lightning_uses(p.read_text(), lightning_private, set()) or lightning_overrides(_module_name(p))
+    }
     assert {"lightning_ext/fastpath.py", "lightning_ext/checkpoint.py", "lightning_ext/ddp.py"} <= inside
 
 
 def test_the_fence_scan_finds_each_kind_of_use():
     lightning_private = _lightning_private_names()
-    source = '''
+    source = """
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 class C(ModelCheckpoint):
     def _save_topk_checkpoint(self, trainer, candidates):
         trainer.fit_loop.epoch_loop._batches_that_stepped += 1
         return name == "_current_fx_name"
-'''
+"""
     hits = private_lightning_uses(source, lightning_private, set())
     assert [h.split(":")[0] for h in hits] == ["line 2", "line 4", "line 5", "line 6"], hits
     assert "ModelCheckpoint._save_topk_checkpoint" in lightning_overrides("mlplab.lightning_ext.checkpoint")
@@ -208,9 +228,8 @@ def test_outside_the_verified_lightning_versions_training_takes_lightnings_loop(
     from packaging.specifiers import SpecifierSet
 
     import mlplab.lightning_ext as ext
-    from mlplab.engines import fit
-
     from conftest import QUICK, compose_cfg, load_ckpt
+    from mlplab.engines import fit
 
     args = [*QUICK, "logger=none", "test=false", "steps_per_call=8"]
     fit(compose_cfg(args, tmp_path / "fast"))

@@ -7,22 +7,20 @@ import subprocess
 import sys
 from functools import partial
 
-import pytest
-
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.profilers import SimpleProfiler
 from lightning.pytorch.trainer import call
 
 import mlplab.engines.lightning as lightning_engine
-from mlplab.errors import ConfigError
 import mlplab.engines.run as engines_run
-from mlplab.data import DigitsDataModule
-from mlplab.lightning_ext.fastpath import NullProfiler, TRAIN_BATCH_HOOKS, direct_steps_possible, trim_dispatch
-from mlplab.models import MLP, Classifier
-
 from conftest import QUICK, compose_cfg
+from mlplab.data import DigitsDataModule
+from mlplab.errors import ConfigError
+from mlplab.lightning_ext.fastpath import TRAIN_BATCH_HOOKS, NullProfiler, direct_steps_possible, trim_dispatch
+from mlplab.models import MLP, Classifier
 
 
 def _module(**kwargs) -> Classifier:
@@ -55,8 +53,13 @@ def test_trimmed_training_gives_the_same_weights_and_still_checkpoints_by_step(t
     def run(trim: bool, sub: str) -> dict[str, torch.Tensor]:
         L.seed_everything(0, verbose=False)
         ckpt = ModelCheckpoint(dirpath=tmp_path / sub, every_n_train_steps=7, save_top_k=-1)
-        trainer = _trainer(tmp_path / sub, callbacks=[ckpt], enable_progress_bar=False, max_epochs=2,
-                           **({"profiler": NullProfiler()} if trim else {}))
+        trainer = _trainer(
+            tmp_path / sub,
+            callbacks=[ckpt],
+            enable_progress_bar=False,
+            max_epochs=2,
+            **({"profiler": NullProfiler()} if trim else {}),
+        )
         model = _module()
         if trim:
             trim_dispatch(trainer, model)
@@ -84,7 +87,9 @@ def test_runs_use_the_null_profiler_unless_one_is_configured(tmp_path, monkeypat
     seen = []
     monkeypatch.setattr(lightning_engine, "trim_dispatch", lambda trainer, module: seen.append(trainer.profiler))
     for extra in ([], ["+trainer.profiler=simple"]):
-        cfg = compose_cfg([*QUICK, "data=digits", "trainer.max_epochs=1", "test=false", *extra], tmp_path / str(len(seen)))
+        cfg = compose_cfg(
+            [*QUICK, "data=digits", "trainer.max_epochs=1", "test=false", *extra], tmp_path / str(len(seen))
+        )
         engines_run.fit(cfg)
     assert isinstance(seen[0], NullProfiler)
     assert isinstance(seen[1], SimpleProfiler) and not isinstance(seen[1], NullProfiler)
@@ -107,7 +112,9 @@ def _fit_record(tmp_path, steps_per_call: int, *overrides: str):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / f"k{steps_per_call}"
-    cfg = compose_cfg([*QUICK, "data=digits", "data.batch_size=16", f"steps_per_call={steps_per_call}", *overrides], out)
+    cfg = compose_cfg(
+        [*QUICK, "data=digits", "data.batch_size=16", f"steps_per_call={steps_per_call}", *overrides], out
+    )
     metrics = engines_run.fit(cfg)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     events = EventAccumulator(str(next(out.rglob("events.out.tfevents*")).parent))
@@ -116,9 +123,15 @@ def _fit_record(tmp_path, steps_per_call: int, *overrides: str):
     return metrics, ckpt, scalars
 
 
-@pytest.mark.parametrize("overrides", [["trainer.max_epochs=2"], ["scheduler=onecycle", "trainer.max_epochs=2"],
-                                       ["scheduler=onecycle", "+trainer.max_steps=100", "model.dropout=0.2"]],
-                         ids=["cosine per epoch", "onecycle per step", "max_steps mid-epoch, dropout"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.max_epochs=2"],
+        ["scheduler=onecycle", "trainer.max_epochs=2"],
+        ["scheduler=onecycle", "+trainer.max_steps=100", "model.dropout=0.2"],
+    ],
+    ids=["cosine per epoch", "onecycle per step", "max_steps mid-epoch, dropout"],
+)
 def test_fused_steps_train_exactly_as_one_step_per_call(tmp_path, overrides):
     """The same minibatches, steps, schedule, RNG draws: the same weights, metrics and log steps."""
     plain_metrics, plain, plain_tb = _fit_record(tmp_path, 1, *overrides)
@@ -134,9 +147,14 @@ def test_fused_steps_train_exactly_as_one_step_per_call(tmp_path, overrides):
         assert fused_tb[tag] == plain_tb[tag], tag  # same values at the same (optimizer) steps
 
 
-@pytest.mark.parametrize(("override", "reason"), [("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val"),
-                                                  ("+trainer.limit_train_batches=5", "trainer.limit_train_batches"),
-                                                  ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches")])
+@pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val"),
+        ("+trainer.limit_train_batches=5", "trainer.limit_train_batches"),
+        ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches"),
+    ],
+)
 def test_fused_steps_fall_back_to_lightnings_loop_where_they_would_change_the_run(tmp_path, caplog, override, reason):
     seen = []
     original = Classifier.fuse_steps
@@ -159,9 +177,13 @@ def test_a_checkpoint_continues_under_another_steps_per_call(tmp_path, first, th
     engines_run.fit(compose_cfg([*common, f"steps_per_call={first}"], tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     steps = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
-    engines_run.fit(compose_cfg([*common, f"steps_per_call={then}", "trainer.max_epochs=2", f"ckpt_path={ckpt}"],
-                             tmp_path / "b"))
-    assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2 * steps
+    engines_run.fit(
+        compose_cfg([*common, f"steps_per_call={then}", "trainer.max_epochs=2", f"ckpt_path={ckpt}"], tmp_path / "b")
+    )
+    assert (
+        torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+        == 2 * steps
+    )
 
 
 class _StepSpy(L.Callback):
@@ -171,7 +193,9 @@ class _StepSpy(L.Callback):
         self.trace: list[tuple] = []
 
     def on_before_backward(self, trainer, pl_module, loss):
-        self.trace.append(("before_backward", trainer.global_step, pl_module._current_fx_name, loss.item(), loss.requires_grad))
+        self.trace.append(
+            ("before_backward", trainer.global_step, pl_module._current_fx_name, loss.item(), loss.requires_grad)
+        )
 
     def on_after_backward(self, trainer, pl_module):
         grad = next(pl_module.net.parameters()).grad
@@ -239,8 +263,16 @@ def _every_hook_spy() -> L.Callback:
 
     def recorder(name):
         def hook(self, trainer, pl_module, *args, **kwargs):
-            self.trace.append((name, trainer.global_step, getattr(pl_module, "_current_fx_name", None),
-                               _described(args), _described(dict(sorted(kwargs.items())))))
+            self.trace.append(
+                (
+                    name,
+                    trainer.global_step,
+                    getattr(pl_module, "_current_fx_name", None),
+                    _described(args),
+                    _described(dict(sorted(kwargs.items()))),
+                )
+            )
+
         return hook
 
     def init(self):
@@ -259,8 +291,15 @@ def test_canary_the_fast_path_calls_every_hook_lightning_calls(tmp_path):
     own, own_trainer, own_weights = _fused_trace(tmp_path / "own", direct=False, spy=_every_hook_spy())
     assert trainer.global_step == own_trainer.global_step > 16
     called = {entry[0] for entry in own}
-    assert {"on_before_backward", "on_after_backward", "on_before_optimizer_step", "on_train_batch_end",
-            "on_validation_batch_end", "on_save_checkpoint", "on_train_epoch_end"} <= called
+    assert {
+        "on_before_backward",
+        "on_after_backward",
+        "on_before_optimizer_step",
+        "on_train_batch_end",
+        "on_validation_batch_end",
+        "on_save_checkpoint",
+        "on_train_epoch_end",
+    } <= called
     assert len(fast) == len(own)
     for i, (a, b) in enumerate(zip(fast, own)):
         assert a == b, (i, a, b)
@@ -280,7 +319,11 @@ def test_direct_steps_only_where_they_change_nothing(tmp_path, change):
         module = OwnBackward(MLP(64, 10, hidden_sizes=(32,)), 10, optimizer=partial(torch.optim.SGD, lr=0.1))
         assert not direct_steps_possible(plain, module)
     else:
-        kwargs = {"profiler": SimpleProfiler()} if change == "profiler" else {"precision": "bf16-mixed", "profiler": NullProfiler()}
+        kwargs = (
+            {"profiler": SimpleProfiler()}
+            if change == "profiler"
+            else {"precision": "bf16-mixed", "profiler": NullProfiler()}
+        )
         assert not direct_steps_possible(_trainer(tmp_path, **kwargs), _module())
 
 
@@ -362,13 +405,15 @@ def test_runs_flush_denormals_unless_told_not_to_and_leave_the_callers_thread_as
     real = lean.flush_denormals
 
     def spy():
-        result = real()
+        real()
         seen.append(lean._flushes_here())
         return False  # as when torch's worker threads were started before the run
+
     monkeypatch.setattr(lean, "flush_denormals", spy)
     original = engines_run.validate_train_config  # the run's first step, inside its flushing
-    monkeypatch.setattr(engines_run, "validate_train_config",
-                        lambda cfg: seen.append(("in run", lean._flushes_here())) or original(cfg))
+    monkeypatch.setattr(
+        engines_run, "validate_train_config", lambda cfg: seen.append(("in run", lean._flushes_here())) or original(cfg)
+    )
     base = [*QUICK, "data=digits", "trainer.max_epochs=1", "test=false"]
     assert not lean._flushes_here()
     with caplog.at_level("INFO", logger="mlplab.engines.run"):

@@ -107,7 +107,9 @@ class HydraDDPStrategy(ChildLaunchingDDPStrategy):
     """``DDPStrategy`` whose extra ranks re-run the current Hydra job (see the module doc)."""
 
     def make_launcher(self, cluster_environment: Any, num_processes: int, num_nodes: int) -> ChildLauncher:
-        return ChildLauncher(cluster_environment, num_processes, num_nodes, spawn=_spawn_job_ranks, started=_watch_ranks)
+        return ChildLauncher(
+            cluster_environment, num_processes, num_nodes, spawn=_spawn_job_ranks, started=_watch_ranks
+        )
 
 
 def _spawn_job_ranks(launcher: ChildLauncher) -> list[subprocess.Popen] | None:

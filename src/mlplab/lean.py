@@ -13,7 +13,6 @@ from typing import Iterator
 
 import torch
 
-
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _malloc_tuned: bool | None = None
 

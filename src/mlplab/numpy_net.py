@@ -192,10 +192,14 @@ def numpy_mlp(
     """
     for key, value in (("model.activation", activation), ("model.output_activation", output_activation)):
         if value != "sigmoid":
-            raise ConfigError(f"{key}={value!r} is invalid for model=numpy_mlp; allowed: sigmoid (the lessons' NumPy net)")
+            raise ConfigError(
+                f"{key}={value!r} is invalid for model=numpy_mlp; allowed: sigmoid (the lessons' NumPy net)"
+            )
     sizes = list(hidden_sizes) if isinstance(hidden_sizes, Sequence) and not isinstance(hidden_sizes, str) else None
     if not sizes:
-        raise ConfigError(f"model.hidden_sizes={hidden_sizes!r} is invalid; allowed: a non-empty list of positive integers")
+        raise ConfigError(
+            f"model.hidden_sizes={hidden_sizes!r} is invalid; allowed: a non-empty list of positive integers"
+        )
     for i, h in enumerate(sizes):
         positive_int(f"model.hidden_sizes[{i}]", h)
     if single_output and num_classes != 2:

@@ -80,7 +80,11 @@ def check_schedule_plan(ckpt_path: Path, ckpt: dict, cfg: DictConfig) -> None:
     if not target.endswith("OneCycleLR"):
         return
     stored = stored_config(ckpt)
-    planned = OmegaConf.select(OmegaConf.create(stored), "trainer.max_epochs", default=None) if isinstance(stored, dict) else None
+    planned = (
+        OmegaConf.select(OmegaConf.create(stored), "trainer.max_epochs", default=None)
+        if isinstance(stored, dict)
+        else None
+    )
     wanted = cfg.trainer.max_epochs
     if isinstance(planned, int) and planned != wanted:
         raise ConfigError(

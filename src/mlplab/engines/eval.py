@@ -65,7 +65,10 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
 
     loggers = _instantiate_group(cfg.get("logger"), "logger")
     trainer: L.Trainer = build_trainer(
-        cfg.trainer, logger=loggers or False, callbacks=_instantiate_group(cfg.get("callbacks"), "callbacks"), **profiler_kwargs(cfg)
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=_instantiate_group(cfg.get("callbacks"), "callbacks"),
+        **profiler_kwargs(cfg),
     )
     trim_dispatch(trainer, model)
     log_hparams(loggers, flat_hparams(stored), metrics=("test/acc", "test/loss"))

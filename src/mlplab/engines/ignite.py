@@ -125,7 +125,12 @@ def fit(
         return y_pred.detach(), y
 
     trainer = create_supervised_trainer(
-        net, optimizer, criterion, device=device, output_transform=output, prepare_batch=_prepare_batch(dm),
+        net,
+        optimizer,
+        criterion,
+        device=device,
+        output_transform=output,
+        prepare_batch=_prepare_batch(dm),
     )
     for name, metric in metrics().items():
         metric.attach(trainer, name)
@@ -142,18 +147,25 @@ def fit(
     if not fast_dev_run:
         tb = TensorboardLogger(log_dir=str(out_dir / "tensorboard"))
         write_hparams_summary(tb.writer, flat_hparams(cfg), HPARAM_METRICS)
-        tb.attach_output_handler(trainer, Events.EPOCH_COMPLETED, tag="train", metric_names=["loss", "acc"],
-                                 global_step_transform=step)
-        tb.attach_output_handler(evaluator, Events.COMPLETED, tag="val", metric_names=["loss", "acc"],
-                                 global_step_transform=step)
+        tb.attach_output_handler(
+            trainer, Events.EPOCH_COMPLETED, tag="train", metric_names=["loss", "acc"], global_step_transform=step
+        )
+        tb.attach_output_handler(
+            evaluator, Events.COMPLETED, tag="val", metric_names=["loss", "acc"], global_step_transform=step
+        )
 
         checkpoints = DiskSaver(str(out_dir / "checkpoints"), require_empty=True)
         to_save = {"model": net, "optimizer": optimizer, "trainer": trainer}
-        best_ckpt = Checkpoint({"model": net}, checkpoints, filename_prefix="best", n_saved=1,
-                               score_function=lambda e: e.state.metrics["acc"], score_name="val_acc",
-                               global_step_transform=step)
-        last_ckpt = Checkpoint(to_save, checkpoints, filename_prefix="last", n_saved=1,
-                               global_step_transform=step)
+        best_ckpt = Checkpoint(
+            {"model": net},
+            checkpoints,
+            filename_prefix="best",
+            n_saved=1,
+            score_function=lambda e: e.state.metrics["acc"],
+            score_name="val_acc",
+            global_step_transform=step,
+        )
+        last_ckpt = Checkpoint(to_save, checkpoints, filename_prefix="last", n_saved=1, global_step_transform=step)
 
     if scheduler is not None and interval == "step":
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
@@ -195,7 +207,9 @@ def fit(
 
     if cfg.get("test", True):
         if best_ckpt is not None:  # fast_dev_run kept none: the last weights, as Lightning
-            Checkpoint.load_objects({"model": net}, torch.load(best_ckpt.last_checkpoint, map_location=device, weights_only=True))
+            Checkpoint.load_objects(
+                {"model": net}, torch.load(best_ckpt.last_checkpoint, map_location=device, weights_only=True)
+            )
         dm.setup("test")
         tester = create_supervised_evaluator(net, metrics=metrics(), device=device)
         tester.logger.setLevel(logging.WARNING)

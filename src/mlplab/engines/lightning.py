@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from mlplab import lightning_ext
 from mlplab.callbacks import AtomicCheckpointIO, RNGState, StopOnSignal
 from mlplab.data import TensorDataModule
 from mlplab.engines.build import (
@@ -38,7 +39,6 @@ from mlplab.engines.checkpoints import (
 )
 from mlplab.errors import RunInterrupted
 from mlplab.hparams import flat_hparams, log_hparams
-from mlplab import lightning_ext
 from mlplab.lightning_ext.fastpath import NullProfiler, trim_dispatch
 from mlplab.models import Classifier
 from mlplab.rundir import checkpoint_progress, newest_last_checkpoint, resume_command
@@ -97,7 +97,11 @@ def _fit(cfg: DictConfig, dm: TensorDataModule, net: torch.nn.Module, ckpt_path:
     callbacks: list[Callback] = [*_instantiate_group(cfg.get("callbacks"), "callbacks"), RNGState(), stop]
     loggers: list[Logger] = _instantiate_group(cfg.get("logger"), "logger")
     trainer: L.Trainer = build_trainer(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **profiler_kwargs(cfg)
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        **profiler_kwargs(cfg),
     )
     trim_dispatch(trainer, model)
     steps_per_call = _steps_per_call(cfg, trainer)
@@ -156,7 +160,9 @@ def _steps_per_call(cfg: DictConfig, trainer: L.Trainer) -> int:
     }
     blocking = [name for name, applies in reasons.items() if applies]
     if blocking:
-        log.info("steps_per_call=%d -> 1 (one optimizer step per training_step) because of %s", steps, ", ".join(blocking))
+        log.info(
+            "steps_per_call=%d -> 1 (one optimizer step per training_step) because of %s", steps, ", ".join(blocking)
+        )
         return 1
     return steps
 
@@ -184,8 +190,7 @@ def _interrupted(cfg: DictConfig, trainer: L.Trainer, signal_name: str, testing:
         saved = "no epoch had completed (no last.ckpt)"
     where = "in the test stage" if testing else f"in epoch {trainer.current_epoch}"
     return RunInterrupted(
-        f"stopped by {signal_name} {where}: {saved}; "
-        f"resume with: {resume_command(out, _task_overrides())}",
+        f"stopped by {signal_name} {where}: {saved}; resume with: {resume_command(out, _task_overrides())}",
         signal_name,
     )
 

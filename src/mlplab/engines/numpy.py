@@ -37,10 +37,13 @@ def _check(cfg: DictConfig) -> None:
     loss = OmegaConf.select(cfg, "loss._target_", default=None)
     opt = cfg.optimizer
     ok = (
-        loss is not None and loss.endswith("SquaredError")
+        loss is not None
+        and loss.endswith("SquaredError")
         and not cfg.get("scheduler")
         and opt.get("_target_") == "torch.optim.SGD"
-        and not opt.get("momentum") and not opt.get("weight_decay") and not opt.get("nesterov")
+        and not opt.get("momentum")
+        and not opt.get("weight_decay")
+        and not opt.get("nesterov")
         and not OmegaConf.select(cfg, "data.augment", default=None)
     )
     if not ok:
@@ -63,7 +66,9 @@ def _evaluate(net: NumpyMLP, x: np.ndarray, y: np.ndarray) -> tuple[float, float
 
 def fit(cfg: DictConfig, dm: TensorDataModule, net: NumpyMLP, ckpt_path: Path | None = None) -> dict[str, float]:
     if ckpt_path is not None or cfg.get("resume"):
-        raise ConfigError("engine=numpy cannot resume (resume=, ckpt_path=); allowed: engine=lightning with another model")
+        raise ConfigError(
+            "engine=numpy cannot resume (resume=, ckpt_path=); allowed: engine=lightning with another model"
+        )
     _check(cfg)
     check_trainer(cfg, engine="engine=numpy")
     fast_dev_run = fast_dev_batches(cfg)  # 0, or: n batches of each stage, one epoch, nothing kept
@@ -95,8 +100,13 @@ def fit(cfg: DictConfig, dm: TensorDataModule, net: NumpyMLP, ckpt_path: Path | 
         val_loss, val_acc = _evaluate(net, x_val, y_val)
         if val_acc > best_acc:
             best_acc, best = val_acc, copy.deepcopy(net)
-        result = {"train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss, "val/acc": val_acc,
-                  "val/acc_best": best_acc}
+        result = {
+            "train/loss": train_loss,
+            "train/acc": train_acc,
+            "val/loss": val_loss,
+            "val/acc": val_acc,
+            "val/acc_best": best_acc,
+        }
         if writer is not None:
             for key, value in result.items():
                 writer.add_scalar(key, value, (epoch + 1) * steps_per_epoch)

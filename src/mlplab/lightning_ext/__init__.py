@@ -41,6 +41,7 @@ def supported() -> bool:
         log.warning(
             "lightning %s is outside the versions mlplab's Lightning extensions were verified against (%s): "
             "using Lightning's own training loop, ModelCheckpoint and DDP launcher (slower, the same training)",
-            lightning.__version__, VERIFIED,
+            lightning.__version__,
+            VERIFIED,
         )
     return ok

@@ -95,7 +95,9 @@ class ModelCheckpoint(_LightningModelCheckpoint):
 
     def _save_last_if_skipped(self, trainer: L.Trainer, due: bool) -> None:
         """Save ``last`` if the epoch end was due and Lightning left it out (no top-k save)."""
-        saved_now = self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved == self.last_model_path
+        saved_now = (
+            self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved == self.last_model_path
+        )
         if due and not saved_now:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 

@@ -108,7 +108,10 @@ def trim_dispatch(trainer: L.Trainer, module: L.LightningModule) -> None:
             callback.on_train_batch_end = None  # type: ignore[assignment]
     unset_noop_hooks(module, L.LightningModule, TRAIN_BATCH_HOOKS)
     # Called every step to clip gradients; without trainer.gradient_clip_val it clips nothing.
-    if not trainer.gradient_clip_val and type(module).configure_gradient_clipping is L.LightningModule.configure_gradient_clipping:
+    if (
+        not trainer.gradient_clip_val
+        and type(module).configure_gradient_clipping is L.LightningModule.configure_gradient_clipping
+    ):
         object.__setattr__(module, "configure_gradient_clipping", None)
 
 
@@ -218,7 +221,9 @@ def carry_step_count(checkpoint: dict[str, Any], automatic_optimization: bool) -
         if fit:
             log.warning(
                 "the checkpoint's loop state has no %s and %s records (another Lightning version?): "
-                "its optimizer step count is loaded as Lightning reads it", _MANUAL_STEPS, _AUTOMATIC_STEPS,
+                "its optimizer step count is loaded as Lightning reads it",
+                _MANUAL_STEPS,
+                _AUTOMATIC_STEPS,
             )
         return
     source, target = (manual, automatic) if automatic_optimization else (automatic, manual)
@@ -230,4 +235,3 @@ def precompute_signature(method: Any) -> None:
     """Lightning reads ``training_step``'s signature on every step (to learn whether it takes
     ``batch_idx``); a precomputed ``__signature__`` makes that lookup a third as dear."""
     method.__signature__ = inspect.signature(method)
-

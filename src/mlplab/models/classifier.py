@@ -122,9 +122,13 @@ class Classifier(HookNameAttribute, L.LightningModule):
             self._losses, self._loss_steps = [], []
             return
         first = losses_bad.nonzero()
-        where = f"loss at step {self._loss_steps[int(first[0])]}" if len(first) else f"weights by step {self.global_step}"
+        where = (
+            f"loss at step {self._loss_steps[int(first[0])]}" if len(first) else f"weights by step {self.global_step}"
+        )
         raise DivergenceError.training(
-            where, self.current_epoch, self._epoch_lr,
+            where,
+            self.current_epoch,
+            self._epoch_lr,
             allowed="a smaller optimizer.lr (or gradient clipping, trainer.gradient_clip_val)",
         )
 
@@ -173,15 +177,24 @@ class Classifier(HookNameAttribute, L.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             planned = self._planned_t_max
-            if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or planned in (None, scheduler.T_max):
+            if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or planned in (
+                None,
+                scheduler.T_max,
+            ):
                 continue
             before, scheduler.T_max = scheduler.T_max, planned
             epoch = scheduler.last_epoch
             for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * epoch / planned)) / 2
+                group["lr"] = (
+                    scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * epoch / planned)) / 2
+                )
             log.info(
                 "the cosine lr schedule is re-planned for %d epochs (the checkpoint's was planned for %d): "
-                "epoch %d continues at lr %.6g", planned, before, epoch, scheduler.optimizer.param_groups[0]["lr"],
+                "epoch %d continues at lr %.6g",
+                planned,
+                before,
+                epoch,
+                scheduler.optimizer.param_groups[0]["lr"],
             )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
