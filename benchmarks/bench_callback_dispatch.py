@@ -21,7 +21,14 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer import call
 
-from mlplab.callbacks import DecisionBoundary, GradientNorms, MisclassifiedImages, SampleInputs, TestReport, WeightHistograms
+from mlplab.callbacks import (
+    DecisionBoundary,
+    GradientNorms,
+    MisclassifiedImages,
+    SampleInputs,
+    TestReport,
+    WeightHistograms,
+)
 from mlplab.callbacks.base import PER_BATCH_HOOKS
 from mlplab.data import DigitsDataModule
 from mlplab.models import MLP, Classifier
@@ -42,15 +49,31 @@ def main(n: int = 20000, reps: int = 7) -> None:
     torch.set_num_threads(1)
     dm = DigitsDataModule(batch_size=32)
     model = Classifier(MLP(64, 10), 10, optimizer=partial(torch.optim.SGD, lr=0.05))
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, datamodule=dm)  # global_step 1: not a gradient-norm logging step
     batch = next(iter(dm.train_dataloader()))
     optimizer = trainer.optimizers[0]
-    hooks = [("on_train_batch_start", (batch, 0)), ("on_before_backward", (torch.tensor(1.0),)), ("on_after_backward", ()),
-             ("on_before_optimizer_step", (optimizer,)), ("on_before_zero_grad", (optimizer,)),
-             ("on_train_batch_end", (None, batch, 1))]
-    cases = {"no callbacks": [], "6 diagnostics (lean)": diagnostics(True), "6 diagnostics, every hook": diagnostics(False)}
+    hooks = [
+        ("on_train_batch_start", (batch, 0)),
+        ("on_before_backward", (torch.tensor(1.0),)),
+        ("on_after_backward", ()),
+        ("on_before_optimizer_step", (optimizer,)),
+        ("on_before_zero_grad", (optimizer,)),
+        ("on_train_batch_end", (None, batch, 1)),
+    ]
+    cases = {
+        "no callbacks": [],
+        "6 diagnostics (lean)": diagnostics(True),
+        "6 diagnostics, every hook": diagnostics(False),
+    }
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(reps):
         for name, cbs in cases.items():

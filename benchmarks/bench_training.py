@@ -50,15 +50,27 @@ from pathlib import Path
 from typing import NamedTuple, TextIO
 
 REPO = Path(__file__).resolve().parents[1]
-RAW = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+RAW = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 
 # --------------------------------------------------------------------------- data
 def find_mnist() -> Path | None:
     """A data dir holding MNIST/raw (real files), or None."""
-    for root in (os.environ.get("MLPLAB_DATA_DIR"), os.environ.get("MLPLAB_SHARED_DATA"), REPO.parent / "shared" / "data",
-                 Path.home() / ".cache" / "mlplab" / "data"):
-        if root and all((Path(root) / "MNIST" / "raw" / n).is_file() or (Path(root) / "MNIST" / "raw" / n[:-3]).is_file() for n in RAW):
+    for root in (
+        os.environ.get("MLPLAB_DATA_DIR"),
+        os.environ.get("MLPLAB_SHARED_DATA"),
+        REPO.parent / "shared" / "data",
+        Path.home() / ".cache" / "mlplab" / "data",
+    ):
+        if root and all(
+            (Path(root) / "MNIST" / "raw" / n).is_file() or (Path(root) / "MNIST" / "raw" / n[:-3]).is_file()
+            for n in RAW
+        ):
             return Path(root)
     return None
 
@@ -182,11 +194,31 @@ def run_group(group: list[tuple], args, data_dir: Path, work: Path) -> dict[tupl
         ready_r, ready_w = os.pipe()
         name = "-".join(map(str, case))
         log_out, log_err = open(work / f"{name}.out", "w+"), open(work / f"{name}.err", "w+")
-        cmd = [sys.executable, __file__, "--case", ",".join(map(str, case)), "--epochs", str(args.epochs),
-               "--data-dir", str(data_dir), "--accelerator", args.accelerator, "--work", str(work),
-               "--val-size", str(args.val_size), "--pace", f"{go_r},{ready_w}"]
-        proc = subprocess.Popen(cmd, stdout=log_out, stderr=log_err, pass_fds=(go_r, ready_w),
-                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        cmd = [
+            sys.executable,
+            __file__,
+            "--case",
+            ",".join(map(str, case)),
+            "--epochs",
+            str(args.epochs),
+            "--data-dir",
+            str(data_dir),
+            "--accelerator",
+            args.accelerator,
+            "--work",
+            str(work),
+            "--val-size",
+            str(args.val_size),
+            "--pace",
+            f"{go_r},{ready_w}",
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log_out,
+            stderr=log_err,
+            pass_fds=(go_r, ready_w),
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
         os.close(go_r)
         os.close(ready_w)
         children.append(Child(case, proc, os.fdopen(go_w, "w"), os.fdopen(ready_r, "r"), log_out, log_err))
@@ -195,7 +227,9 @@ def run_group(group: list[tuple], args, data_dir: Path, work: Path) -> dict[tupl
         for other in children:
             other.proc.kill()
         child.err.seek(0)
-        sys.exit(f"case {','.join(map(str, child.case))} failed (exit {child.proc.wait()}){why}:\n{child.err.read()[-3000:]}")
+        sys.exit(
+            f"case {','.join(map(str, child.case))} failed (exit {child.proc.wait()}){why}:\n{child.err.read()[-3000:]}"
+        )
 
     def wait_ready(child: Child) -> None:
         # A case reports after its set-up and after each epoch; one that neither reports
@@ -260,8 +294,17 @@ def _bare_epochs(net, opt, train_batches, val_batches, epochs: int, device, pace
     return times
 
 
-def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, accelerator: str, work: Path, val_size: int,
-             pacer: Pacer | None = None) -> dict:
+def run_case(
+    engine: str,
+    model: str,
+    batch: int,
+    epochs: int,
+    data_dir: Path,
+    accelerator: str,
+    work: Path,
+    val_size: int,
+    pacer: Pacer | None = None,
+) -> dict:
     global _PACED_TIMER
     import torch
 
@@ -271,7 +314,7 @@ def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, a
     if engine != "mlplab":  # mlplab's train() does both by itself
         # Denormal floats flushed to zero before torch starts its threads, and freed memory
         # kept on the heap, as mlplab's runs do: the floor gets them too, so that the ratios
-        # measure the frameworks, not denormal arithmetic or page faults (README, "Speed");
+        # measure the frameworks, not denormal arithmetic or page faults (docs: Speed);
         # ignite is started below without train().
         flush_denormals()
         reuse_freed_memory()
@@ -283,18 +326,29 @@ def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, a
         from omegaconf import open_dict
 
         from mlplab.cli import register_resolvers
-        from mlplab.training import train
+        from mlplab.engines import train
 
         register_resolvers()
         out = work / f"{engine}-{model}-{batch}"
         timer_file = out / "epochs.json"
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = compose("train", return_hydra_config=True, overrides=[
-                "data=mnist", f"data.data_dir={data_dir}", f"data.val_size={val_size}", "data.download=false", f"model={model}",
-                f"data.batch_size={batch}", f"trainer={accelerator}", f"trainer.max_epochs={epochs}",
-                f"engine={'ignite' if engine == 'ignite' else 'lightning'}", "test=false",
-                f"+callbacks.epoch_timer.out_file={timer_file}",
-            ])
+            cfg = compose(
+                "train",
+                return_hydra_config=True,
+                overrides=[
+                    "data=mnist",
+                    f"data.data_dir={data_dir}",
+                    f"data.val_size={val_size}",
+                    "data.download=false",
+                    f"model={model}",
+                    f"data.batch_size={batch}",
+                    f"trainer={accelerator}",
+                    f"trainer.max_epochs={epochs}",
+                    f"engine={'ignite' if engine == 'ignite' else 'lightning'}",
+                    "test=false",
+                    f"+callbacks.epoch_timer.out_file={timer_file}",
+                ],
+            )
         HydraConfig().set_config(cfg)
         with open_dict(cfg):
             cfg.paths.output_dir = str(out)
@@ -304,8 +358,8 @@ def run_case(engine: str, model: str, batch: int, epochs: int, data_dir: Path, a
         _PACED_TIMER = _paced_epoch_timer(pacer)
         out.mkdir(parents=True)
         if engine == "ignite":
-            from mlplab.ignite_engine import fit_ignite
-            from mlplab.training import build_datamodule, build_net
+            from mlplab.engines.build import build_datamodule, build_net
+            from mlplab.engines.ignite import fit as fit_ignite
 
             dm = build_datamodule(cfg.data)
             seconds = _PacedSeconds(pacer, epochs)
@@ -382,11 +436,17 @@ def main() -> None:
     ap.add_argument("--pipeline-batch", type=int, default=128, help="batch size for the torchvision pipeline")
     ap.add_argument("--models", nargs="+", default=["simple_net", "relu_mlp"])
     ap.add_argument("--engines", nargs="+", default=["bare", "mlplab", "ignite", "torchvision"])
-    ap.add_argument("--rounds", type=int, default=3, help="run every group this many times; ratios are paired per round")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="run every group this many times; ratios are paired per round"
+    )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic data, 2 epochs, 1 batch size")
-    ap.add_argument("--case-timeout", type=float, default=900,
-                    help="seconds a case may take to set up or to run one epoch before the run stops as hung")
+    ap.add_argument(
+        "--case-timeout",
+        type=float,
+        default=900,
+        help="seconds a case may take to set up or to run one epoch before the run stops as hung",
+    )
     ap.add_argument("--val-size", type=int, default=5000, help=argparse.SUPPRESS)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", type=Path, help=argparse.SUPPRESS)
@@ -396,8 +456,17 @@ def main() -> None:
 
     if args.case:  # child process: one case, JSON on the last line of stdout
         engine, model, batch = args.case.split(",")
-        result = run_case(engine, model, int(batch), args.epochs, args.data_dir, args.accelerator, args.work, args.val_size,
-                          Pacer(args.pace))
+        result = run_case(
+            engine,
+            model,
+            int(batch),
+            args.epochs,
+            args.data_dir,
+            args.accelerator,
+            args.work,
+            args.val_size,
+            Pacer(args.pace),
+        )
         print(json.dumps(result))
         return
 
@@ -427,43 +496,71 @@ def main() -> None:
                 for (engine, model, bs), res in run_group(group, args, data_dir, work / f"round{rnd}").items():
                     res["median_s"] = statistics.median(timed_epochs(res["epoch_seconds"]))
                     runs[(engine, model, bs)].append(res)
-                    print(f"round {rnd + 1}: {engine:12s} {model:10s} batch {bs:4d}: {res['median_s']:7.3f} s/epoch  "
-                          f"peak RSS {res['peak_rss_mb']:6.0f} MB", flush=True)
+                    print(
+                        f"round {rnd + 1}: {engine:12s} {model:10s} batch {bs:4d}: {res['median_s']:7.3f} s/epoch  "
+                        f"peak RSS {res['peak_rss_mb']:6.0f} MB",
+                        flush=True,
+                    )
         results = []
         for (engine, model, bs), rs in runs.items():
-            results.append({"engine": engine, "model": model, "batch_size": bs,
-                            "median_s": statistics.median(r["median_s"] for r in rs), "round_medians_s": [r["median_s"] for r in rs],
-                            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "epoch_seconds": [r["epoch_seconds"] for r in rs]})
+            results.append(
+                {
+                    "engine": engine,
+                    "model": model,
+                    "batch_size": bs,
+                    "median_s": statistics.median(r["median_s"] for r in rs),
+                    "round_medians_s": [r["median_s"] for r in rs],
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                    "epoch_seconds": [r["epoch_seconds"] for r in rs],
+                }
+            )
 
     import torch
 
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}" + (
-        f", {torch.cuda.get_device_name()}" if args.accelerator == "gpu" else "")
+        f", {torch.cuda.get_device_name()}" if args.accelerator == "gpu" else ""
+    )
     table = render(results, args, machine, data_desc)
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(json.dumps({"machine": machine, "data": data_desc, "accelerator": args.accelerator,
-                                                     "epochs": args.epochs, "results": results}, indent=1))
+    (args.out / "bench.json").write_text(
+        json.dumps(
+            {
+                "machine": machine,
+                "data": data_desc,
+                "accelerator": args.accelerator,
+                "epochs": args.epochs,
+                "results": results,
+            },
+            indent=1,
+        )
+    )
     (args.out / "bench.md").write_text(table + "\n")
 
 
 def render(results: list[dict], args, machine: str, data_desc: str) -> str:
     by = {(r["engine"], r["model"], r["batch_size"]): r for r in results}
     timed = len(timed_epochs([0.0] * args.epochs))
-    lines = [f"Seconds per epoch (median of {timed} after 1 warm-up, the last epoch untimed; median of {args.rounds} rounds, "
-             f"the engines of a row in lockstep, one epoch at a time, ABBA); ratios: the median over rounds of the ratio within a round; "
-             f"{args.accelerator}; {machine}; data: {data_desc}.",
-             "", "| model | batch | bare | mlplab | ignite | torchvision per-sample | mlplab / bare | ignite / bare | per-sample / mlplab | per-sample / bare | mlplab peak RSS (MB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Seconds per epoch (median of {timed} after 1 warm-up, the last epoch untimed; median of {args.rounds} rounds, "
+        f"the engines of a row in lockstep, one epoch at a time, ABBA); ratios: the median over rounds of the ratio within a round; "
+        f"{args.accelerator}; {machine}; data: {data_desc}.",
+        "",
+        "| model | batch | bare | mlplab | ignite | torchvision per-sample | mlplab / bare | ignite / bare | per-sample / mlplab | per-sample / bare | mlplab peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for model in args.models:
         for bs in sorted({r["batch_size"] for r in results if r["model"] == model}):
             cell = lambda e: by.get((e, model, bs))  # noqa: E731
             fmt = lambda r: f"{r['median_s']:.3f}" if r else "-"  # noqa: E731
             ratio = lambda a, b: f"{paired_ratio(a, b):.2f}" if a and b else "-"  # noqa: E731
             bare, ml, ig, tv = cell("bare"), cell("mlplab"), cell("ignite"), cell("torchvision")
-            lines.append(f"| {model} | {bs} | {fmt(bare)} | {fmt(ml)} | {fmt(ig)} | {fmt(tv)} | {ratio(ml, bare)} | "
-                         f"{ratio(ig, bare)} | {ratio(tv, ml)} | {ratio(tv, bare)} | {ml['peak_rss_mb']:.0f} |" if ml else
-                         f"| {model} | {bs} | {fmt(bare)} | - | {fmt(ig)} | {fmt(tv)} | - | {ratio(ig, bare)} | - | {ratio(tv, bare)} | - |")
+            lines.append(
+                f"| {model} | {bs} | {fmt(bare)} | {fmt(ml)} | {fmt(ig)} | {fmt(tv)} | {ratio(ml, bare)} | "
+                f"{ratio(ig, bare)} | {ratio(tv, ml)} | {ratio(tv, bare)} | {ml['peak_rss_mb']:.0f} |"
+                if ml
+                else f"| {model} | {bs} | {fmt(bare)} | - | {fmt(ig)} | {fmt(tv)} | - | {ratio(ig, bare)} | - | {ratio(tv, bare)} | - |"
+            )
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mlplab.cli import prepare_argv, register_resolvers, run_job, set_project_root
-from mlplab.training import evaluate
+from mlplab.engines import evaluate
 
 set_project_root(__file__)
 register_resolvers()

@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mlplab.cli import expand_resume, prepare_argv, register_resolvers, run_job, set_project_root
-from mlplab.training import fit
+from mlplab.engines import fit
 
 set_project_root(__file__)
 register_resolvers()

@@ -63,7 +63,9 @@ def compose_cfg(overrides: list[str], out_dir: Path, config_name: str = "train")
     return cfg
 
 
-def run_cli(script: str, args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    script: str, args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run ``python src/<script>.py args`` as a user would; returns the finished process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
@@ -102,7 +104,12 @@ def write_tiny_mnist(root: Path, folder: str = "MNIST", n_train: int = 60, n_tes
 @pytest.fixture(scope="session")
 def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private copy of the real MNIST and Fashion-MNIST raw files (skip if absent)."""
-    missing = [f"{d}/raw/{n}" for d in ("MNIST", "FashionMNIST") for n in RAW_NAMES if not (SHARED_DATA / d / "raw" / n).is_file()]
+    missing = [
+        f"{d}/raw/{n}"
+        for d in ("MNIST", "FashionMNIST")
+        for n in RAW_NAMES
+        if not (SHARED_DATA / d / "raw" / n).is_file()
+    ]
     if missing:
         msg = f"real MNIST/Fashion-MNIST files not found under {SHARED_DATA} (set MLPLAB_SHARED_DATA): missing {missing[0]} ..."
         if os.environ.get("MLPLAB_REQUIRE_REAL_DATA") == "1":

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_cfg, run_cli
-from mlplab.training import train
+from mlplab.engines import train
 
 QUIET = ["callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false"]
 
@@ -71,8 +71,8 @@ def test_real_data_accuracy_targets(tmp_path: Path, real_data_dir: Path, data: s
 
 
 @pytest.mark.slow
-# The presets' goals (README, "Speed"): fashion_fast reaches 0.904 with its seed.
+# The presets' goals (docs: Results): fashion_fast reaches 0.904 with its seed.
 @pytest.mark.parametrize(("preset", "target"), [("mnist_fast", 0.985), ("fashion_fast", 0.90)])
 def test_time_to_accuracy_presets(real_data_dir, tmp_path, preset, target):
-    """The speed presets reach their stated test accuracy (their wall time is in the README)."""
+    """The speed presets reach their stated test accuracy (their wall times: benchmarks/RESULTS.md)."""
     assert _test_acc(tmp_path, f"experiment={preset}", "trainer=cpu", f"data.data_dir={real_data_dir}") >= target

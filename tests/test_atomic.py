@@ -131,7 +131,9 @@ def test_a_read_only_folder_is_one_line_with_its_errno(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic.tempfile, "mkstemp", refuse)
     with pytest.raises(StorageError) as info:
         atomic_write_text(tmp_path / "run.json", "{}")
-    assert str(info.value) == f"cannot write {tmp_path / 'run.json'} (Read-only file system); allowed: a writable folder"
+    assert (
+        str(info.value) == f"cannot write {tmp_path / 'run.json'} (Read-only file system); allowed: a writable folder"
+    )
     assert info.value.errno == errno.EROFS
 
 
@@ -192,9 +194,11 @@ def test_a_checkpoint_save_never_writes_through_a_planted_symlink(tmp_path):
     assert_sentinel_untouched(sentinel)
 
 
-def test_a_full_disk_in_epoch_2_stops_training_with_one_line_and_epoch_1_checkpoints_load(tmp_path, monkeypatch, one_torch_thread):
+def test_a_full_disk_in_epoch_2_stops_training_with_one_line_and_epoch_1_checkpoints_load(
+    tmp_path, monkeypatch, one_torch_thread
+):
     from mlplab.callbacks import ModelCheckpoint
-    from mlplab.training import fit
+    from mlplab.engines import fit
 
     out = tmp_path / "run"
     ckpt_dir = out / "checkpoints"

@@ -24,9 +24,9 @@ from torchvision.datasets import MNIST
 
 from conftest import QUICK, compose_cfg, run_cli, write_tiny_mnist
 from mlplab.data import MNISTDataModule
+from mlplab.engines import fit, train
 from mlplab.errors import DataError
 from mlplab.models import Classifier
-from mlplab.training import fit, train
 
 IMAGES, LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
 
@@ -57,7 +57,12 @@ LABS = (np.arange(60) % 10).astype(np.uint8)
 
 # (what, file replaced, its uncompressed content, words the message must hold)
 BAD_FILES = [
-    ("labels magic on images", IMAGES, _idx(IMGS, magic=b"\x00\x00\x08\x01"), ["not an IDX file of images", "00000803"]),
+    (
+        "labels magic on images",
+        IMAGES,
+        _idx(IMGS, magic=b"\x00\x00\x08\x01"),
+        ["not an IDX file of images", "00000803"],
+    ),
     ("not IDX at all", LABELS, b"<html>404 Not Found</html>", ["not an IDX file of labels"]),
     ("images truncated", IMAGES, _idx(IMGS)[:-100], ["truncated", "header announces 47056"]),
     ("extra bytes", LABELS, _idx(LABS) + b"\x00" * 7, ["extra bytes", "header announces 68"]),
@@ -89,7 +94,6 @@ def test_a_truncated_archive_is_refused_and_leaves_no_extracted_file(tmp_path):
     assert not list(gz.parent.glob("*.partial"))
 
 
-
 def test_extraction_never_writes_through_a_symlink_planted_at_a_predictable_name(tmp_path):
     from test_atomic import assert_sentinel_untouched, plant_symlinks
 
@@ -99,14 +103,19 @@ def test_extraction_never_writes_through_a_symlink_planted_at_a_predictable_name
     MNISTDataModule(data_dir=str(tmp_path), download=False, val_size=10).setup()
     for name, array in arrays.items():
         extracted = raw / name.removesuffix(".gz")
-        assert not extracted.is_symlink() and extracted.read_bytes()[-array.size:] == array.tobytes()
+        assert not extracted.is_symlink() and extracted.read_bytes()[-array.size :] == array.tobytes()
     for sentinel in sentinels:
         assert_sentinel_untouched(sentinel)
+
 
 @pytest.fixture
 def real_mnist(real_data_dir, tmp_path) -> Path:
     """A writable copy of the real MNIST archives (only the .gz: other tests extract next to them)."""
-    shutil.copytree(real_data_dir / "MNIST", tmp_path / "MNIST", ignore=lambda _dir, names: [n for n in names if n != "raw" and not n.endswith(".gz")])
+    shutil.copytree(
+        real_data_dir / "MNIST",
+        tmp_path / "MNIST",
+        ignore=lambda _dir, names: [n for n in names if n != "raw" and not n.endswith(".gz")],
+    )
     return tmp_path
 
 
@@ -116,7 +125,9 @@ def test_official_archive_with_wrong_checksum_or_cut_short_is_refused(real_mnist
     # One flipped byte inside the compressed stream: the header still claims 60,000 labels.
     gz.write_bytes(good[:5000] + bytes([good[5000] ^ 0xFF]) + good[5001:])
     msg = _setup_error(real_mnist)
-    assert msg.startswith(f"{gz} claims to be the official archive but its md5 is not d53e105ee54ea40749a09fcbcd1e9432"), msg
+    assert msg.startswith(
+        f"{gz} claims to be the official archive but its md5 is not d53e105ee54ea40749a09fcbcd1e9432"
+    ), msg
     # An interrupted download: the first half of the real archive.
     gz.write_bytes(good[: len(good) // 2])
     assert _setup_error(real_mnist).startswith(f"{gz} claims to be the official archive")
@@ -159,7 +170,14 @@ def test_training_never_starts_on_bad_data(tmp_path, monkeypatch):
     write_tiny_mnist(tmp_path / "data")
     _write_gz(tmp_path / "data" / "MNIST" / "raw" / f"{LABELS}.gz", _idx(np.full(60, 12, dtype=np.uint8)))
     cfg = compose_cfg(
-        QUICK + ["logger=none", "data=mnist", f"data.data_dir={tmp_path / 'data'}", "data.download=false", "data.val_size=10"],
+        QUICK
+        + [
+            "logger=none",
+            "data=mnist",
+            f"data.data_dir={tmp_path / 'data'}",
+            "data.download=false",
+            "data.val_size=10",
+        ],
         tmp_path / "run",
     )
     with pytest.raises(DataError, match=r"train-labels-idx1-ubyte has label 12; allowed: 0\.\.9"):
@@ -243,7 +261,8 @@ def test_training_on_a_read_only_folder_of_archives_works(read_only_raw, tmp_pat
     raw, _arrays, refuse_writes = read_only_raw
     refuse_writes(errno.EROFS)
     cfg = compose_cfg(
-        QUICK + ["logger=none", "data=mnist", f"data.data_dir={raw.parents[1]}", "data.download=false", "data.val_size=10"],
+        QUICK
+        + ["logger=none", "data=mnist", f"data.data_dir={raw.parents[1]}", "data.download=false", "data.val_size=10"],
         tmp_path / "run",
     )
     metrics = fit(cfg)
@@ -278,7 +297,9 @@ def test_an_unreadable_data_file_is_one_line_naming_it(tmp_path, monkeypatch, na
     before = sorted(os.listdir(raw))
     msg = _setup_error(tmp_path)
     assert msg == f"cannot read {raw / name} (Permission denied); allowed: a file this user can read", msg
-    assert sorted(p for p in os.listdir(raw) if not p.endswith("-ubyte")) == sorted(p for p in before if not p.endswith("-ubyte"))
+    assert sorted(p for p in os.listdir(raw) if not p.endswith("-ubyte")) == sorted(
+        p for p in before if not p.endswith("-ubyte")
+    )
     assert not list(raw.glob("*.partial")) and not list(raw.glob(".*"))
     (raw / name).chmod(0o644)
 
@@ -301,11 +322,21 @@ def test_cli_a_directory_where_a_data_file_belongs_exits_2_with_one_line(tmp_pat
     (raw / IMAGES).mkdir()
     proc = run_cli(
         "train",
-        [*QUICK, "logger=none", "data=mnist", "data.download=false", "data.val_size=10", f"paths.log_dir={tmp_path / 'logs'}"],
+        [
+            *QUICK,
+            "logger=none",
+            "data=mnist",
+            "data.download=false",
+            "data.val_size=10",
+            f"paths.log_dir={tmp_path / 'logs'}",
+        ],
         cwd=tmp_path,
         env={"MLPLAB_ROOT": str(tmp_path), "MLPLAB_DATA_DIR": str(tmp_path / "data")},
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"error: {raw / IMAGES} is a directory, not a data file; allowed: remove or rename it"
+    assert (
+        proc.stderr.strip().splitlines()[-1]
+        == f"error: {raw / IMAGES} is a directory, not a data file; allowed: remove or rename it"
+    )
     assert sorted(os.listdir(raw)) == sorted([*RAW_GZ, IMAGES])

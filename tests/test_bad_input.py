@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 
 from conftest import QUICK, compose_cfg, run_cli
 from mlplab.cli import EXIT_USER_ERROR, CheckOutputDir, run_job
+from mlplab.engines import evaluate, fit, train
 from mlplab.errors import CheckpointError, ConfigError, DataError, MlplabError
 from mlplab.models import Classifier
-from mlplab.training import evaluate, fit, train
 
 
 @pytest.fixture
@@ -50,7 +50,10 @@ BAD_VALUES = [
     (["data.train_size=1000", "data.val_size=500"], ["data.train_size=1000", "data.val_size=500", DIGITS_POOL]),
     (["data.test_size=1797"], ["data.test_size=1797"]),
     (["data=mnist", "data.val_size=70000"], ["data.val_size=70000", "60000"]),
-    (["data=fashion_mnist", "data.train_size=58000", "data.val_size=5000"], ["data.train_size=58000", "data.val_size=5000", "60000"]),
+    (
+        ["data=fashion_mnist", "data.train_size=58000", "data.val_size=5000"],
+        ["data.train_size=58000", "data.val_size=5000", "60000"],
+    ),
     # fractions outside (0, 1)
     (["data.val_size=1.5"], ["data.val_size=1.5", "(0, 1)"]),
     (["data.val_size=0.0"], ["data.val_size=0.0", "(0, 1)"]),
@@ -93,7 +96,10 @@ BAD_VALUES = [
     (["model.hidden_sizes=[64,abc]"], ["model.hidden_sizes[1]='abc'", "positive integer"]),
     (["model.hidden_sizes=64"], ["model.hidden_sizes=64", "non-empty list"]),
     # a key the net or the data does not have (an unknown init, a loss option ...)
-    (["model=simple_net", "+model.init=xavier"], ["model.init='xavier'", "mlplab.models.SimpleNet has no such option", "allowed keys: hidden_size"]),
+    (
+        ["model=simple_net", "+model.init=xavier"],
+        ["model.init='xavier'", "mlplab.models.SimpleNet has no such option", "allowed keys: hidden_size"],
+    ),
     (["+optimizer.betas=[0.9,0.99]"], ["optimizer.betas=", "torch.optim.SGD has no such option", "momentum"]),
     (["+data.loss=focal"], ["data.loss='focal'", "allowed keys: batch_size"]),
     (["loss.label_smoothing=1.0"], ["loss.label_smoothing=1.0 is invalid", "[0, 1)"]),
@@ -101,7 +107,10 @@ BAD_VALUES = [
     (["loss.label_smoothing=-0.1"], ["loss.label_smoothing=-0.1 is invalid", "[0, 1)"]),
     # hardware this machine does not have
     (["trainer.accelerator=tpu9"], ["trainer.accelerator='tpu9'", "cpu", "gpu"]),
-    ([f"trainer.devices={os.cpu_count() + 1}"], [f"trainer.devices={os.cpu_count() + 1} but this machine has {os.cpu_count()} CPU cores"]),
+    (
+        [f"trainer.devices={os.cpu_count() + 1}"],
+        [f"trainer.devices={os.cpu_count() + 1} but this machine has {os.cpu_count()} CPU cores"],
+    ),
     *(
         [(["trainer=gpu"], ["trainer.accelerator=gpu but this machine has no usable GPU", "trainer=cpu"])]
         if not torch.cuda.is_available()
@@ -109,7 +118,10 @@ BAD_VALUES = [
     ),
     # diagnostics callbacks
     (["callbacks.misclassified.max_images=0"], ["callbacks.misclassified.max_images=0", "positive integer"]),
-    (["callbacks.gradient_norms.every_n_steps=often"], ["callbacks.gradient_norms.every_n_steps='often'", "positive integer"]),
+    (
+        ["callbacks.gradient_norms.every_n_steps=often"],
+        ["callbacks.gradient_norms.every_n_steps='often'", "positive integer"],
+    ),
 ]
 
 
@@ -148,21 +160,40 @@ def test_bad_config_values(tmp_path, no_training, monkeypatch, capsys, overrides
 TARGET_MISTAKES = [
     (["seed=-1"], ["seed=-1", "0..4294967295"]),
     (["seed=99999999999999"], ["seed=99999999999999", "0..4294967295"]),
-    (["scheduler.T_max=0"], ["scheduler=cosine", "CosineAnnealingLR rejected", "scheduler.T_max=0", "ZeroDivisionError"]),
+    (
+        ["scheduler.T_max=0"],
+        ["scheduler=cosine", "CosineAnnealingLR rejected", "scheduler.T_max=0", "ZeroDivisionError"],
+    ),
     (
         ["scheduler=onecycle", "scheduler.pct_start=1.5"],
-        ["scheduler=onecycle", "OneCycleLR rejected", "scheduler.pct_start=1.5", "between 0 and 1", "default pct_start=0.3"],
+        [
+            "scheduler=onecycle",
+            "OneCycleLR rejected",
+            "scheduler.pct_start=1.5",
+            "between 0 and 1",
+            "default pct_start=0.3",
+        ],
     ),
     (["trainer.check_val_every_n_epoch=0"], ["trainer.check_val_every_n_epoch=0", "an integer >= 1"]),
-    (["optimizer=adam", "+optimizer.betas=abc"], ["optimizer=adam", "torch.optim.Adam rejected", "optimizer.betas='abc'"]),
+    (
+        ["optimizer=adam", "+optimizer.betas=abc"],
+        ["optimizer=adam", "torch.optim.Adam rejected", "optimizer.betas='abc'"],
+    ),
     (
         ["+trainer.max_epoch=3"],
-        ["trainer.max_epoch=3 is invalid: lightning.pytorch.Trainer has no such option", "max_steps", "(did you mean max_epochs?)"],
+        [
+            "trainer.max_epoch=3 is invalid: lightning.pytorch.Trainer has no such option",
+            "max_steps",
+            "(did you mean max_epochs?)",
+        ],
     ),
     (["+trainer.precision=bogus"], ["trainer.precision='bogus'", "Trainer rejected", "'16-mixed'"]),
     (["callbacks.model_checkpoint.save_top_k=-5"], ["callbacks.model_checkpoint.save_top_k=-5", "Must be >= -1"]),
     # digits: 64 inputs -> 1e11 -> 10 classes, float32
-    (["model.hidden_sizes=[100000000000]"], ["model.hidden_sizes=[100000000000] is too large", "7,500,000,000,010 parameters (30.0 TB)"]),
+    (
+        ["model.hidden_sizes=[100000000000]"],
+        ["model.hidden_sizes=[100000000000] is too large", "7,500,000,000,010 parameters (30.0 TB)"],
+    ),
     (["+foo=1"], ["foo=1 is invalid", "allowed keys: callbacks, ckpt_path, compile, data, engine"]),
     (["+optimizer_name=adam"], ["optimizer_name='adam' is invalid", "(did you mean optimizer?)"]),
 ]
@@ -225,7 +256,9 @@ def test_eval_checkpoint_is_a_directory(tmp_path):
 
 def test_eval_random_bytes_are_not_a_checkpoint(tmp_path):
     bad = tmp_path / "random.ckpt"
-    bad.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+    bad.write_bytes(
+        torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes()
+    )
     msg = str(_eval_error(bad, tmp_path / "out"))
     assert f"ckpt_path={bad}" in msg and "cannot be loaded" in msg
 
@@ -315,7 +348,9 @@ def test_cli_target_mistake_is_one_line_and_leaves_no_run_dir(tmp_path, args, ex
     data = tmp_path / "cli-data"
     data.mkdir()
     log_dir = tmp_path / "logs"
-    proc = run_cli("train", [*args, "trainer=cpu", f"paths.log_dir={log_dir}"], cwd=tmp_path, env={"MLPLAB_DATA_DIR": str(data)})
+    proc = run_cli(
+        "train", [*args, "trainer=cpu", f"paths.log_dir={log_dir}"], cwd=tmp_path, env={"MLPLAB_DATA_DIR": str(data)}
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
     for part in expected:
@@ -331,15 +366,19 @@ def test_cli_unwritable_log_dir(tmp_path):
     """
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    proc = run_cli("train", ["trainer=cpu", f"paths.log_dir={blocker / 'logs'}"], cwd=tmp_path, env={"MLPLAB_ROOT": str(tmp_path)})
-    _assert_user_error(proc, f"hydra.run.dir={blocker / 'logs' / 'runs'}", "cannot be written", "allowed: a writable folder")
+    proc = run_cli(
+        "train", ["trainer=cpu", f"paths.log_dir={blocker / 'logs'}"], cwd=tmp_path, env={"MLPLAB_ROOT": str(tmp_path)}
+    )
+    _assert_user_error(
+        proc, f"hydra.run.dir={blocker / 'logs' / 'runs'}", "cannot be written", "allowed: a writable folder"
+    )
     assert "Traceback" not in proc.stderr and blocker.read_text() == "not a folder"
 
 
 # -- property-based: any numeric override either trains or is one clean error ------------------
 
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hydra.errors import ConfigCompositionException, OverrideParseException  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from mlplab.errors import MlplabError as _MlplabError  # noqa: E402
@@ -358,7 +397,9 @@ NUMERIC_OVERRIDES = {
     "optimizer.lr": _num(st.floats(1e-4, 1.0), st.one_of(st.integers(-2, 3), st.floats(-1.0, 1e6))),
     "optimizer.momentum": _num(st.floats(0.0, 0.99), st.one_of(st.integers(-1, 2), st.floats(-0.5, 1.5))),
     "data.batch_size": _num(st.integers(1, 512), st.one_of(st.integers(-4, 4096), st.floats(-1.0, 64.0))),
-    "data.val_size": _num(st.one_of(st.integers(1, 500), st.floats(0.01, 0.9)), st.one_of(st.integers(-5, 3000), st.floats(-0.5, 1.5))),
+    "data.val_size": _num(
+        st.one_of(st.integers(1, 500), st.floats(0.01, 0.9)), st.one_of(st.integers(-5, 3000), st.floats(-0.5, 1.5))
+    ),
     "trainer.max_epochs": _num(st.integers(1, 2), st.one_of(st.integers(-2, 0), st.floats(-1.0, 2.0))),
     "model.dropout": _num(st.floats(0.0, 0.9), st.one_of(st.integers(-1, 2), st.floats(-0.5, 1.5))),
     "model.hidden_sizes": _num(
@@ -372,7 +413,12 @@ NUMERIC_OVERRIDES = {
 def test_any_numeric_override_trains_or_is_one_clean_error(tmp_path, values):
     overrides = [f"{key}={value}" for key, value in values.items()]
     # Tiny when it does train: 2 batches, 1 validation batch, no test, nothing written but checkpoints.
-    tiny = ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.num_sanity_val_steps=0", "test=false"]
+    tiny = [
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "+trainer.num_sanity_val_steps=0",
+        "test=false",
+    ]
     out = tmp_path / "hyp" / uuid.uuid4().hex  # a fresh dir per example
     try:
         cfg = compose_cfg(QUICK + ["logger=none", *tiny, *overrides], out)

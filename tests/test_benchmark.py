@@ -18,7 +18,9 @@ from conftest import REPO
 def test_benchmark_smoke(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_training.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "bench.json").read_text())
@@ -72,7 +74,7 @@ def test_without_mnist_the_benchmark_makes_full_size_synthetic_data_that_mlplab_
     assert len(dm.data_test) == 9_999
 
 
-FAKE_CASE = '''
+FAKE_CASE = """
 import json, os, sys, time
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 go_fd, ready_fd = (int(fd) for fd in args["--pace"].split(","))
@@ -86,7 +88,7 @@ for epoch in range(int(args["--epochs"])):
     log.write(f"{args['--case']} {epoch}\\n"); log.flush()
 ready.write("ready\\n"); ready.flush()
 print(json.dumps({"epoch_seconds": [1.0], "peak_rss_mb": 1}))
-'''
+"""
 
 
 def _fake_driver(bench, tmp_path, monkeypatch, **kw):

@@ -22,6 +22,7 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import run_cli
 from mlplab.callbacks import (
     DecisionBoundary,
     GradientNorms,
@@ -49,7 +50,9 @@ class Halves2D(TensorDataModule):
         return x, (x[:, 0] > 0).long(), x_test, (x_test[:, 0] > 0).long()
 
 
-def _fit(dm, net, callbacks, logger, epochs: int, lr: float = 0.1, log_every_n_steps: int = 50) -> tuple[L.Trainer, Classifier]:
+def _fit(
+    dm, net, callbacks, logger, epochs: int, lr: float = 0.1, log_every_n_steps: int = 50
+) -> tuple[L.Trainer, Classifier]:
     L.seed_everything(0, verbose=False)
     model = Classifier(net, dm.num_classes, optimizer=partial(torch.optim.SGD, lr=lr, momentum=0.9))
     trainer = L.Trainer(
@@ -99,8 +102,16 @@ def test_sigmoid_gradients_vanish_towards_the_input(tmp_path: Path) -> None:
         grads[activation] = GradientNorms(every_n_steps=1)
         L.seed_everything(0, verbose=False)
         model = Classifier(net, dm.num_classes, optimizer=partial(torch.optim.SGD, lr=0.1))
-        L.Trainer(accelerator="cpu", max_steps=1, logger=False, callbacks=[grads[activation]], enable_progress_bar=False,
-                  enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0).fit(model, datamodule=dm)
+        L.Trainer(
+            accelerator="cpu",
+            max_steps=1,
+            logger=False,
+            callbacks=[grads[activation]],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+        ).fit(model, datamodule=dm)
     [(step, sigmoid)] = grads["sigmoid"].history
     [(_, relu)] = grads["relu"].history
     assert step == 0 and len(sigmoid) == len(relu) == 6
@@ -273,3 +284,22 @@ def test_diagnostics_are_not_dispatched_on_the_batch_hooks_they_do_not_use():
         callbacks = [SampleInputs()]
 
     call._call_callback_hooks(Probe(), "on_train_batch_start", None, 0)  # would raise if it called None
+
+
+def test_the_progress_bar_counts_optimizer_steps_under_fused_steps(tmp_path):
+    """A digits epoch is 38 optimizer steps (1,213 samples, batch 32): the bar shows 38/38, not
+    the 3 blocks of 16 steps that fused steps hand to Lightning's loop."""
+    args = ["trainer=cpu", "trainer.max_epochs=1", "logger=none", "test=false", "callbacks.progress_bar.refresh_rate=1"]
+    for steps_per_call in (16, 1):
+        proc = run_cli(
+            "train",
+            [*args, f"steps_per_call={steps_per_call}", f"hydra.run.dir={tmp_path / str(steps_per_call)}"],
+            cwd=tmp_path,
+            env={"MLPLAB_ROOT": str(tmp_path)},
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        epoch_lines = [
+            line for line in (proc.stdout + proc.stderr).replace("\r", "\n").splitlines() if "Epoch 0:" in line
+        ]
+        assert epoch_lines and "38/38" in epoch_lines[-1], epoch_lines[-3:]
+        assert not any(" 3/3 " in line for line in epoch_lines)

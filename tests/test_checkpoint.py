@@ -7,13 +7,11 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
-from mlplab.callbacks import AtomicCheckpointIO, ModelCheckpoint
-
 from conftest import assert_same_nested, load_ckpt
+from mlplab.callbacks import AtomicCheckpointIO, ModelCheckpoint
 
 
 class Scripted(L.LightningModule):
@@ -43,10 +41,24 @@ def _fit(dirpath: Path, callback_cls, scores: list[float], epochs: int) -> None:
     L.seed_everything(0, verbose=False)
     data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
     loader = torch.utils.data.DataLoader(data, batch_size=8)
-    ckpt = callback_cls(dirpath=dirpath, filename="epoch_{epoch:03d}", monitor="score", mode="max",
-                        save_top_k=1, save_last=True, auto_insert_metric_name=False)
-    trainer = L.Trainer(max_epochs=epochs, callbacks=[ckpt], plugins=[AtomicCheckpointIO()], logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    ckpt = callback_cls(
+        dirpath=dirpath,
+        filename="epoch_{epoch:03d}",
+        monitor="score",
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+        auto_insert_metric_name=False,
+    )
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        callbacks=[ckpt],
+        plugins=[AtomicCheckpointIO()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(Scripted(scores), loader, loader)
 
 

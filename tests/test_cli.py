@@ -24,7 +24,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from conftest import QUICK, REPO, compose_cfg, run_cli
 from mlplab.data import DigitsDataModule
-from mlplab.training import train
+from mlplab.engines import train
 
 # Quiet, short CLI runs. Every run also gets paths.log_dir (see _cli_args).
 CLI_QUICK = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false"]
@@ -45,7 +45,9 @@ def _cli_args(log_dir: Path, *extra: str) -> list[str]:
 
 
 def _check_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
 
 
 def _summaries(stdout: str) -> list[tuple[float, Path]]:
@@ -86,7 +88,9 @@ def _tensorboard_hparams_experiment(logdir: Path):
     provider = data_provider.MultiplexerDataProvider(mux, str(logdir))
     hp = backend_context.Context(base_plugin.TBContext(logdir=str(logdir), data_provider=provider, multiplexer=mux))
     ctx = context.RequestContext()
-    return hp.experiment_from_metadata(ctx, "", True, hp.hparams_metadata(ctx, ""), hp.hparams_from_data_provider(ctx, "", None))
+    return hp.experiment_from_metadata(
+        ctx, "", True, hp.hparams_metadata(ctx, ""), hp.hparams_from_data_provider(ctx, "", None)
+    )
 
 
 def _all_tags(ea: EventAccumulator) -> set[str]:
@@ -146,7 +150,9 @@ def digits_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         rc = proc.wait(timeout=600)
         out.close(), err.close()
         results.append(
-            subprocess.CompletedProcess(cmd, rc, (tmp / f"stdout{i}.txt").read_text(), (tmp / f"stderr{i}.txt").read_text())
+            subprocess.CompletedProcess(
+                cmd, rc, (tmp / f"stdout{i}.txt").read_text(), (tmp / f"stderr{i}.txt").read_text()
+            )
         )
     return {"tmp": tmp, "log_dir": log_dir, "procs": results}
 
@@ -239,7 +245,7 @@ def test_single_run_outputs_and_tensorboard(digits_runs: dict) -> None:
 
 
 def test_eval_reproduces_train_test_accuracy(digits_runs: dict) -> None:
-    tmp, log_dir = digits_runs["tmp"], digits_runs["log_dir"]
+    tmp = digits_runs["tmp"]
     train_proc = digits_runs["procs"][0]
     _check_ok(train_proc)
     [(train_acc, run_dir)] = _summaries(train_proc.stdout)
@@ -250,7 +256,9 @@ def test_eval_reproduces_train_test_accuracy(digits_runs: dict) -> None:
 
     eval_log_dir = tmp / "eval-logs"
     # trainer=cpu as in training: the same device, so the same float results.
-    proc = run_cli("eval", [f"ckpt_path={best}", "trainer=cpu", f"paths.log_dir={eval_log_dir}"], cwd=tmp, env=_env(tmp))
+    proc = run_cli(
+        "eval", [f"ckpt_path={best}", "trainer=cpu", f"paths.log_dir={eval_log_dir}"], cwd=tmp, env=_env(tmp)
+    )
     _check_ok(proc)
     [(eval_acc, eval_dir)] = _summaries(proc.stdout)
     assert eval_acc == train_acc
@@ -276,7 +284,11 @@ def test_eval_reproduces_train_test_accuracy(digits_runs: dict) -> None:
 def test_multirun_over_models(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
     models = ["simple_net", "sigmoid_net", "relu_mlp"]
-    targets = {"simple_net": "mlplab.models.SimpleNet", "sigmoid_net": "mlplab.models.SigmoidNet", "relu_mlp": "mlplab.models.MLP"}
+    targets = {
+        "simple_net": "mlplab.models.SimpleNet",
+        "sigmoid_net": "mlplab.models.SigmoidNet",
+        "relu_mlp": "mlplab.models.MLP",
+    }
     hidden = {"simple_net": 120, "sigmoid_net": 120, "relu_mlp": 256}
     proc = run_cli(
         "train",
@@ -292,8 +304,11 @@ def test_multirun_over_models(tmp_path: Path) -> None:
     assert len(sweeps) == 1 and RUN_NAME_RE.match(sweeps[0].name)
     sweep = sweeps[0]
     # Job dirs are named <job number>_<its overrides> (Hydra's override_dirname, sorted by key).
-    names = [f"{i}_callbacks.progress_bar.refresh_rate=0,model={m},trainer.enable_model_summary=False,"
-             f"trainer.max_epochs=1,trainer=cpu" for i, m in enumerate(models)]
+    names = [
+        f"{i}_callbacks.progress_bar.refresh_rate=0,model={m},trainer.enable_model_summary=False,"
+        f"trainer.max_epochs=1,trainer=cpu"
+        for i, m in enumerate(models)
+    ]
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == names
     assert _run_dirs(log_dir) == [sweep / n for n in names]
 
@@ -326,8 +341,10 @@ def test_multirun_over_models(tmp_path: Path) -> None:
     # the union of their hparams (SimpleNet's hidden_size and the MLP's hidden_sizes) and
     # all three models, because no job claims the experiment for itself.
     for job in names:
-        assert set(_hparams(_accumulator(sweep / job / "tensorboard"))) == {"_hparams_/session_start_info",
-                                                                           "_hparams_/session_end_info"}
+        assert set(_hparams(_accumulator(sweep / job / "tensorboard"))) == {
+            "_hparams_/session_start_info",
+            "_hparams_/session_end_info",
+        }
     experiment = _tensorboard_hparams_experiment(sweep)
     infos = {h.name: h for h in experiment.hparam_infos}
     assert {"model.hidden_size", "model.hidden_sizes", "model.activation", "optimizer.lr"} <= set(infos)

@@ -2,52 +2,112 @@
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import pytest
 import torch
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from conftest import CONF, QUICK, compose_cfg
-from mlplab.build import _instantiate_group, build_datamodule, build_net, build_trainer, check_targets
 from mlplab.callbacks import (
     DecisionBoundary,
     GradientNorms,
     MisclassifiedImages,
+    ProgressBar,
     SampleInputs,
     TestReport,
     WeightHistograms,
 )
-from mlplab.config import validate_train_config, validate_trainer
+from mlplab.config import validate_optimizer, validate_train_config, validate_trainer
 from mlplab.data import DigitsDataModule, FashionMNISTDataModule, MNISTDataModule
+from mlplab.engines.build import (
+    _instantiate_group,
+    build_datamodule,
+    build_loss,
+    build_net,
+    build_trainer,
+    check_targets,
+)
 from mlplab.errors import ConfigError
+from mlplab.groups import group_options
 from mlplab.models import MLP, SigmoidNet, SimpleNet
 
+#: The groups every train config is composed with, each option in turn (test_every_train_config_resolves).
+GROUPS = (
+    "data",
+    "augment",
+    "model",
+    "loss",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "logger",
+    "callbacks",
+    "debug",
+    "experiment",
+)
 
-def _options(group: str) -> set[str]:
+
+def _files(group: str) -> set[str]:
     return {p.stem for p in (CONF / group).glob("*.yaml")}
 
 
-def test_groups_listed_here_are_all_the_groups_there_are():
-    # If someone adds an option, the parametrised tests below must learn about it.
-    assert _options("data") == {"digits", "mnist", "fashion_mnist", "xor", "moons"}
-    assert _options("augment") == {"none", "affine", "hflip"}
-    assert _options("model") == {"simple_net", "sigmoid_net", "relu_mlp", "relu_net", "numpy_mlp"}
-    assert _options("loss") == {"cross_entropy", "mse"}
-    assert _options("optimizer") == {"sgd", "adam"}
-    assert _options("scheduler") == {"none", "cosine", "onecycle"}
-    assert _options("trainer") == {"default", "cpu", "gpu", "ddp", "ddp_cpu"}
-    assert _options("logger") == {"tensorboard", "csv", "many_loggers", "none"}
-    assert _options("callbacks") == {"default", "early_stopping", "diagnostics", "none"}
-    assert _options("debug") == {"fdr", "overfit"}
-    assert _options("experiment") == {
-        "lesson_d_fashion", "mnist_fast", "fashion_fast",
-        # issue 4's lesson presets (tests/test_lessons.py)
-        "xor", "moons_activations", "vanishing_gradient", "digits_sigmoid", "digits_relu", "digits_numpy",
-        "mnist_tp", "batch_size_sweep", "lesson_d_models", "dropout",
-    }
+def test_group_options_are_the_files_of_the_running_apps_conf(tmp_path):
+    for group in GROUPS:
+        assert group_options(group) == sorted(_files(group)), group
+    assert "lesson_d_fashion" in group_options("experiment") and "relu_net" in group_options("model")
+    # The lesson presets' shared base (conf/_lesson.yaml) is in no group: no experiment=_lesson.
+    assert (CONF / "_lesson.yaml").is_file() and "_lesson" not in group_options("experiment")
+    # Inside a Hydra app: what its config repository holds, e.g. a --config-dir's extra options.
+    extra = tmp_path / "extra"
+    (extra / "data").mkdir(parents=True)
+    (extra / "data" / "my_data.yaml").write_text("_target_: mlplab.data.DigitsDataModule\n")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        assert GlobalHydra.instance().is_initialized() and group_options("data") == sorted(_files("data"))
+    with initialize_config_dir(config_dir=str(extra), version_base="1.3"):
+        assert group_options("data") == ["my_data"]
+    assert "my_data" not in group_options("data")
+
+
+def _allowed(message: str, group: str) -> set[str]:
+    [listed] = re.findall(rf"\b{group}=([\w|]+)", message.split("allowed: ", 1)[1])
+    return set(listed.split("|"))
+
+
+def test_allowed_lists_in_messages_are_the_files_of_each_group(tmp_path):
+    """A missing group's message lists exactly the group's options (conf/<group>/*.yaml)."""
+    cfg = compose_cfg(QUICK, tmp_path)
+    with open_dict(cfg):
+        del cfg["data"]
+    with pytest.raises(ConfigError, match=r"^data and model must be chosen; allowed: data=") as info:
+        validate_train_config(cfg)
+    assert _allowed(str(info.value), "data") == _files("data")
+    assert _allowed(str(info.value), "model") == _files("model")  # relu_net too
+    for group, check in [("optimizer", validate_optimizer), ("trainer", validate_trainer)]:
+        cfg = compose_cfg(QUICK, tmp_path)
+        with open_dict(cfg):
+            del cfg[group]
+        with pytest.raises(ConfigError, match=rf"^{group} is missing; allowed: {group}=") as info:
+            check(cfg)
+        assert _allowed(str(info.value), group) == _files(group), group
+    cfg = compose_cfg(QUICK + ["loss._target_=torch.nn.CrossEntropyLoss"], tmp_path)
+    with pytest.raises(ConfigError, match=r"^loss\._target_=torch\.nn\.CrossEntropyLoss is not an mlplab loss") as info:
+        build_loss(cfg)
+    assert _allowed(str(info.value), "loss") == _files("loss")
+
+
+def test_parametrised_tests_cover_every_option():
+    # If someone adds an option, the parametrised tests below must learn about it (every group's
+    # options are also composed and validated by test_every_train_config_resolves).
+    assert {case[0] for case in LOGGER_CASES} == _files("logger")
+    assert {case[0] for case in CALLBACK_CASES} == _files("callbacks")
+    assert {case[0] for case in CPU_TRAINER_CASES + GPU_TRAINER_CASES} == _files("trainer")
 
 
 def test_default_train_config(tmp_path):
@@ -61,8 +121,14 @@ def test_default_train_config(tmp_path):
     assert cfg.trainer.accelerator == "auto" and cfg.trainer.devices == 1 and cfg.trainer.max_epochs == 10
     assert set(cfg.logger) == {"tensorboard"}
     assert set(cfg.callbacks) == {
-        "model_checkpoint", "progress_bar",
-        "gradient_norms", "weight_histograms", "sample_inputs", "test_report", "misclassified", "decision_boundary",
+        "model_checkpoint",
+        "progress_bar",
+        "gradient_norms",
+        "weight_histograms",
+        "sample_inputs",
+        "test_report",
+        "misclassified",
+        "decision_boundary",
     }
     assert cfg.engine == "lightning"
     assert cfg.seed == 42 and cfg.ckpt_path is None and cfg.test is True
@@ -134,7 +200,9 @@ def test_model_options_build_nets_sized_from_the_data(tmp_path, model, data, cls
     assert out.shape == (3, 10)
 
 
-@pytest.mark.parametrize("overrides", [[], ["optimizer.lr=0.2", "optimizer.momentum=0.0", "optimizer.weight_decay=0.001"]])
+@pytest.mark.parametrize(
+    "overrides", [[], ["optimizer.lr=0.2", "optimizer.momentum=0.0", "optimizer.weight_decay=0.001"]]
+)
 def test_sgd_partial_applies_to_a_nets_parameters(tmp_path, overrides):
     cfg = compose_cfg(["optimizer=sgd", *overrides], tmp_path)
     dm = build_datamodule(cfg.data)
@@ -172,10 +240,14 @@ def test_scheduler_cosine_anneals_over_max_epochs(tmp_path, epochs):
 # -- trainer ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("option", "strategy_cls", "num_devices"),
-    [("default", "SingleDeviceStrategy", 1), ("cpu", "SingleDeviceStrategy", 1), ("ddp_cpu", "HydraDDPStrategy", 2)],
-)
+CPU_TRAINER_CASES = [
+    ("default", "SingleDeviceStrategy", 1),
+    ("cpu", "SingleDeviceStrategy", 1),
+    ("ddp_cpu", "HydraDDPStrategy", 2),
+]
+
+
+@pytest.mark.parametrize(("option", "strategy_cls", "num_devices"), CPU_TRAINER_CASES)
 def test_cpu_trainers_instantiate(tmp_path, option, strategy_cls, num_devices):
     cfg = compose_cfg([f"trainer={option}", "logger=none", "callbacks=none"], tmp_path)
     validate_trainer(cfg)
@@ -194,13 +266,13 @@ def test_cpu_trainers_instantiate(tmp_path, option, strategy_cls, num_devices):
         assert trainer.accelerator.__class__.__name__ == "CPUAccelerator"
 
 
-@pytest.mark.parametrize(
-    ("option", "expected"),
-    [
-        ("gpu", {"accelerator": "gpu", "devices": 1}),
-        ("ddp", {"accelerator": "gpu", "devices": -1, "num_nodes": 1, "sync_batchnorm": False}),
-    ],
-)
+GPU_TRAINER_CASES = [
+    ("gpu", {"accelerator": "gpu", "devices": 1}),
+    ("ddp", {"accelerator": "gpu", "devices": -1, "num_nodes": 1, "sync_batchnorm": False}),
+]
+
+
+@pytest.mark.parametrize(("option", "expected"), GPU_TRAINER_CASES)
 def test_gpu_trainers_compose(tmp_path, option, expected):
     cfg = compose_cfg([f"trainer={option}"], tmp_path)
     for key, value in expected.items():
@@ -218,15 +290,15 @@ def test_gpu_trainers_compose(tmp_path, option, expected):
 # -- logger / callbacks ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("option", "types"),
-    [
-        ("tensorboard", [TensorBoardLogger]),
-        ("csv", [CSVLogger]),
-        ("many_loggers", [TensorBoardLogger, CSVLogger]),
-        ("none", []),
-    ],
-)
+LOGGER_CASES = [
+    ("tensorboard", [TensorBoardLogger]),
+    ("csv", [CSVLogger]),
+    ("many_loggers", [TensorBoardLogger, CSVLogger]),
+    ("none", []),
+]
+
+
+@pytest.mark.parametrize(("option", "types"), LOGGER_CASES)
 def test_logger_options(tmp_path, option, types):
     cfg = compose_cfg([f"logger={option}"], tmp_path)
     loggers = _instantiate_group(cfg.get("logger"))
@@ -244,15 +316,15 @@ def test_logger_options(tmp_path, option, types):
 DIAGNOSTICS = [GradientNorms, WeightHistograms, SampleInputs, TestReport, MisclassifiedImages, DecisionBoundary]
 
 
-@pytest.mark.parametrize(
-    ("option", "types"),
-    [
-        ("default", [ModelCheckpoint, TQDMProgressBar, *DIAGNOSTICS]),
-        ("early_stopping", [ModelCheckpoint, TQDMProgressBar, EarlyStopping, *DIAGNOSTICS]),
-        ("diagnostics", [ModelCheckpoint, TQDMProgressBar, *DIAGNOSTICS]),
-        ("none", []),
-    ],
-)
+CALLBACK_CASES = [
+    ("default", [ModelCheckpoint, ProgressBar, *DIAGNOSTICS]),
+    ("early_stopping", [ModelCheckpoint, ProgressBar, EarlyStopping, *DIAGNOSTICS]),
+    ("diagnostics", [ModelCheckpoint, ProgressBar, *DIAGNOSTICS]),
+    ("none", []),
+]
+
+
+@pytest.mark.parametrize(("option", "types"), CALLBACK_CASES)
 def test_callback_options(tmp_path, option, types):
     cfg = compose_cfg([f"callbacks={option}"], tmp_path)
     callbacks = _instantiate_group(cfg.get("callbacks"))
@@ -371,27 +443,15 @@ def test_eval_config_requires_ckpt_path(tmp_path):
 
 def test_every_train_config_resolves(tmp_path):
     # The full cross product is large; one config per option of every group, all resolved.
-    for group, options in [
-        ("data", ["digits", "mnist", "fashion_mnist", "xor", "moons"]),
-        ("augment", ["none", "affine", "hflip"]),
-        ("model", ["simple_net", "sigmoid_net", "relu_mlp", "relu_net", "numpy_mlp"]),
-        ("loss", ["cross_entropy", "mse"]),
-        ("optimizer", ["sgd", "adam"]),
-        ("scheduler", ["none", "cosine", "onecycle"]),
-        ("trainer", ["default", "cpu", "gpu", "ddp", "ddp_cpu"]),
-        ("logger", ["tensorboard", "csv", "many_loggers", "none"]),
-        ("callbacks", ["default", "early_stopping", "none"]),
-        ("debug", ["fdr", "overfit"]),
-        ("experiment", sorted(_options("experiment"))),
-    ]:
-        for option in options:
+    for group in GROUPS:
+        for option in group_options(group):
             cfg = compose_cfg([f"{group}={option}"], tmp_path)
             container = OmegaConf.to_container(cfg, resolve=True)
             assert container["paths"]["output_dir"] == str(tmp_path), (group, option)
             validate_train_config(cfg)
 
 
-# -- mlplab.build: what a _target_ takes, checked before anything is built ----------------------
+# -- mlplab.engines.build: what a _target_ takes, checked before anything is built ----------------------
 
 
 @pytest.mark.parametrize(
@@ -399,12 +459,23 @@ def test_every_train_config_resolves(tmp_path):
     [
         (
             ["logger=csv", "+logger.csv.flush_logs_every_n_step=5"],
-            ["logger.csv.flush_logs_every_n_step=5 is invalid: lightning.pytorch.loggers.CSVLogger has no such option",
-             "(did you mean flush_logs_every_n_steps?)"],
+            [
+                "logger.csv.flush_logs_every_n_step=5 is invalid: lightning.pytorch.loggers.CSVLogger has no such option",
+                "(did you mean flush_logs_every_n_steps?)",
+            ],
         ),
-        (["+model.input_dim=5"], ["model.input_dim=5 is invalid: mlplab sets it (from the data)", "allowed keys: hidden_sizes"]),
-        (["augment=affine", "+data.augment.bogus=1"], ["data.augment.bogus=1", "kornia.augmentation.RandomAffine has no such option"]),
-        (["model._target_=torch.nn.Nope"], ["model._target_='torch.nn.Nope' cannot be imported", "allowed: an importable"]),
+        (
+            ["+model.input_dim=5"],
+            ["model.input_dim=5 is invalid: mlplab sets it (from the data)", "allowed keys: hidden_sizes"],
+        ),
+        (
+            ["augment=affine", "+data.augment.bogus=1"],
+            ["data.augment.bogus=1", "kornia.augmentation.RandomAffine has no such option"],
+        ),
+        (
+            ["model._target_=torch.nn.Nope"],
+            ["model._target_='torch.nn.Nope' cannot be imported", "allowed: an importable"],
+        ),
     ],
     ids=["logger key", "key the run sets", "nested target", "no such target"],
 )
@@ -420,19 +491,24 @@ def test_check_targets_lets_kwargs_targets_and_every_preset_through(tmp_path):
     # TensorBoardLogger passes **kwargs on to its SummaryWriter: any key is its to judge.
     check_targets(compose_cfg(["logger=tensorboard", "+logger.tensorboard.flush_secs=5"], tmp_path))
     # Presets that set keys of other groups (experiment=..., # @package _global_) add no unknown keys.
-    for preset in sorted(_options("experiment")):
+    for preset in group_options("experiment"):
         check_targets(compose_cfg([f"experiment={preset}"], tmp_path))
 
 
 def test_unknown_top_level_key_of_eval_names_eval_yaml(tmp_path):
     cfg = compose_cfg(["ckpt_path=x.ckpt", "+sead=1"], tmp_path, config_name="eval")
-    with pytest.raises(ConfigError, match=r"sead=1 is invalid: eval\.yaml .* allowed keys: callbacks, ckpt_path, data, "):
+    with pytest.raises(
+        ConfigError, match=r"sead=1 is invalid: eval\.yaml .* allowed keys: callbacks, ckpt_path, data, "
+    ):
         check_targets(cfg)
 
 
 def test_nested_target_refusal_names_the_nested_node(tmp_path):
     cfg = compose_cfg(QUICK + ["augment=affine", "data.augment.degrees=abc"], tmp_path)
-    with pytest.raises(ConfigError, match=r"^data\.augment: kornia\.augmentation\.RandomAffine rejected the config \(data\.augment\.degrees='abc'\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^data\.augment: kornia\.augmentation\.RandomAffine rejected the config \(data\.augment\.degrees='abc'\)",
+    ):
         build_datamodule(cfg.data)
 
 
@@ -449,14 +525,16 @@ def test_trainer_value_of_the_wrong_type_is_a_config_error(tmp_path):
 def test_net_the_allocator_refuses_says_what_it_asked_for(tmp_path, monkeypatch):
     """Past the pre-check against physical memory (off here), the allocation error itself is
     caught. 2.6 PB is more than a 47-bit address space: refused whatever the overcommit policy."""
-    import mlplab.build
+    import mlplab.engines.build
 
-    monkeypatch.setattr(mlplab.build, "_physical_memory", lambda: None)
+    monkeypatch.setattr(mlplab.engines.build, "_physical_memory", lambda: None)
     cfg = compose_cfg(QUICK + ["model.hidden_sizes=[10000000000000]"], tmp_path)
     dm = build_datamodule(cfg.data)
     with pytest.raises(ConfigError) as info:
         build_net(cfg.model, dm)
     msg = str(info.value)
-    assert msg.startswith("model.hidden_sizes=[10000000000000] is too large: mlplab.models.MLP would have "
-                          "750,000,000,000,010 parameters (3.0 PB), which this machine cannot allocate"), msg
+    assert msg.startswith(
+        "model.hidden_sizes=[10000000000000] is too large: mlplab.models.MLP would have "
+        "750,000,000,000,010 parameters (3.0 PB), which this machine cannot allocate"
+    ), msg
     assert "\n" not in msg and "allowed: a net that fits in memory" in msg

@@ -403,7 +403,9 @@ def test_real_fashion_mnist(real_data_dir):
     # Fashion-MNIST is balanced: 1,000 test images per class
     assert torch.bincount(dm.data_test.tensors[1]).tolist() == [1000] * 10
 
-    lesson = FashionMNISTDataModule(data_dir=str(real_data_dir), download=False, train_size=10_000, val_size=1_000, mean=0.5, std=0.5)
+    lesson = FashionMNISTDataModule(
+        data_dir=str(real_data_dir), download=False, train_size=10_000, val_size=1_000, mean=0.5, std=0.5
+    )
     lesson.setup()
     assert (len(lesson.data_train), len(lesson.data_val), len(lesson.data_test)) == (10_000, 1_000, 10_000)
     assert torch.equal(lesson.data_test.tensors[0], dm.data_test.tensors[0])

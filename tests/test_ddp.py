@@ -28,15 +28,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
+from test_cli import CLI_QUICK, _accumulator, _check_ok, _env, _run_dirs, _scalars, _summaries
 
 from conftest import CONF, REPO, compose_cfg, run_cli
 from mlplab import distributed
 from mlplab.data import DigitsDataModule
 from mlplab.distributed import LAUNCH_ENV, child_command, ddp_job, external_rank_argv
+from mlplab.engines import evaluate
+from mlplab.engines.build import build_datamodule, build_net
 from mlplab.errors import ConfigError
 from mlplab.runs import RUN_FILE, read_run_record
-from mlplab.training import build_datamodule, build_net, evaluate
-from test_cli import CLI_QUICK, _accumulator, _check_ok, _env, _run_dirs, _scalars, _summaries
 
 EVAL_BATCH = 100  # 449 test digits -> batches 100,100,100,100,49: padding would count one twice
 RUN_LOCK = ".mlplab.lock"  # rank 0's hold on its run dir (mlplab.rundir), left in place
@@ -52,7 +53,9 @@ def test_child_command_reruns_this_job_only(tmp_path, monkeypatch):
     """A child rank gets the job's own overrides, no -m, and the job's dir as its run dir."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["trainer=ddp_cpu", "model=simple_net", "optimizer.lr=0.1"], return_hydra_config=True)
+        cfg = compose(
+            "train", overrides=["trainer=ddp_cpu", "model=simple_net", "optimizer.lr=0.1"], return_hydra_config=True
+        )
     job_dir = tmp_path / "sweep dir" / "3"
     with open_dict(cfg):
         cfg.hydra.overrides.hydra = [
@@ -121,7 +124,9 @@ def test_ddp_job_leaves_no_distributed_state_behind(monkeypatch):
         done = subprocess.Popen([sys.executable, "-c", "pass"])
         distributed._job.procs.append(done)
     assert not dist.is_initialized()
-    assert {k: os.environ.get(k) for k in LAUNCH_ENV} == {k: ("10.1.2.3" if k == "MASTER_ADDR" else None) for k in LAUNCH_ENV}
+    assert {k: os.environ.get(k) for k in LAUNCH_ENV} == {
+        k: ("10.1.2.3" if k == "MASTER_ADDR" else None) for k in LAUNCH_ENV
+    }
     assert torch.get_num_threads() == threads
     assert done.returncode == 0  # waited for
 
@@ -175,7 +180,9 @@ def test_torchrun_and_srun_ranks_share_the_job_dir(monkeypatch):
     assert external_rank_argv(argv) == argv  # rank 0 writes .hydra/ and train.log
     monkeypatch.setenv("SLURM_PROCID", "2")
     assert external_rank_argv(argv) == [*argv, "hydra.output_subdir=null", "hydra.job.name=train_rank2"]
-    with pytest.raises(ConfigError, match=r"hydra.run.dir is unset but torchrun/srun starts 4 ranks; allowed: hydra.run.dir=PATH"):
+    with pytest.raises(
+        ConfigError, match=r"hydra.run.dir is unset but torchrun/srun starts 4 ranks; allowed: hydra.run.dir=PATH"
+    ):
         external_rank_argv(["/repo/src/train.py", "trainer=ddp"])
     with pytest.raises(ConfigError, match=r"-m \(multirun\) is invalid when torchrun/srun starts 4 ranks"):
         external_rank_argv(["/repo/src/eval.py", "-m", "hydra.run.dir=/x", "seed=1,2"])
@@ -197,7 +204,9 @@ def test_torchrun_and_srun_ranks_share_the_job_dir(monkeypatch):
 # -- helpers for the CLI runs -----------------------------------------------------------------
 def _one_rank_test(ckpt: Path, tmp_path: Path) -> tuple[dict[str, float], dict[str, float]]:
     """Test metrics of ``ckpt`` from eval.py's evaluate() on 1 process, and computed by hand."""
-    cfg = compose_cfg([f"ckpt_path=\"{ckpt}\"", "trainer=cpu", "logger=none", "trainer.enable_model_summary=false"], tmp_path, "eval")
+    cfg = compose_cfg(
+        [f'ckpt_path="{ckpt}"', "trainer=cpu", "logger=none", "trainer.enable_model_summary=false"], tmp_path, "eval"
+    )
     evaluated = evaluate(cfg)
     stored = OmegaConf.create(torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["config"])
     dm = build_datamodule(stored.data)
@@ -213,7 +222,10 @@ def _one_rank_test(ckpt: Path, tmp_path: Path) -> tuple[dict[str, float], dict[s
     # The setup can see the padding bug: the first eval batch counted twice gives another value.
     padded = torch.cat([correct, correct[:EVAL_BATCH]]).float().mean().item()
     assert padded != pytest.approx(correct.float().mean().item(), abs=1e-6)
-    return evaluated, {"test/acc": correct.float().mean().item(), "test/loss": torch.nn.functional.cross_entropy(logits, y).item()}
+    return evaluated, {
+        "test/acc": correct.float().mean().item(),
+        "test/loss": torch.nn.functional.cross_entropy(logits, y).item(),
+    }
 
 
 def _check_job_dir(job_dir: Path, printed_acc: float, tmp_path: Path, rank_logs: list[str]) -> None:
@@ -271,8 +283,12 @@ def test_multirun_of_ddp_jobs(tmp_path):
     jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: p.name)
     assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1"]  # <job number>_<its overrides>
     assert "model=simple_net" in jobs[0].name and "model=relu_mlp" in jobs[1].name
-    assert sorted(p.name for p in sweep.iterdir() if p.is_file()) == ["multirun.yaml", "summary.csv", "summary.md",
-                                                                        "summary.png"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_file()) == [
+        "multirun.yaml",
+        "summary.csv",
+        "summary.md",
+        "summary.png",
+    ]
     # The only job dirs anywhere are the two jobs' (no logs/runs/, no nested sweep).
     assert _run_dirs(tmp_path) == jobs
     assert not (log_dir / "runs").exists() and [p.name for p in log_dir.iterdir()] == ["multiruns"]
@@ -280,8 +296,11 @@ def test_multirun_of_ddp_jobs(tmp_path):
     assert [d for _, d in summaries] == jobs  # rank 0 of each job reports
     # The sweep summary has both DDP jobs, ok, with the test/acc rank 0 printed.
     assert "2 jobs, 2 ok, 0 failed" in proc.stdout
-    rows = {line.rsplit("|", 2)[-2].strip(): line for line in (sweep / "summary.md").read_text().splitlines()
-            if line.startswith("| ")}
+    rows = {
+        line.rsplit("|", 2)[-2].strip(): line
+        for line in (sweep / "summary.md").read_text().splitlines()
+        if line.startswith("| ")
+    }
     for (printed_acc, _), job in zip(summaries, jobs):
         assert f" | {printed_acc:.4f} | 1 | " in rows[job.name]  # test/acc, epochs
     for (printed_acc, job_dir), (model, target) in zip(summaries, models.items()):
@@ -297,8 +316,15 @@ def test_optuna_search_of_ddp_jobs(tmp_path):
     a trial's child rank is still one more rank of that trial, not a sweep of its own."""
     log_dir = tmp_path / "logs"
     sweep = log_dir / "search"
-    args = ["hparams_search=digits_optuna", "trainer=ddp_cpu", "hydra.sweeper.n_trials=2", "trainer.max_epochs=1",
-            *CLI_QUICK[1:], f"paths.log_dir={log_dir}", f"hydra.sweep.dir={sweep}"]
+    args = [
+        "hparams_search=digits_optuna",
+        "trainer=ddp_cpu",
+        "hydra.sweeper.n_trials=2",
+        "trainer.max_epochs=1",
+        *CLI_QUICK[1:],
+        f"paths.log_dir={log_dir}",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = run_cli("train", args, cwd=tmp_path, env=_env(tmp_path), timeout=240)
     _check_ok(proc)
     jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: p.name)

@@ -19,18 +19,20 @@ from pathlib import Path
 
 import pytest
 
-from mlplab import runs
-from mlplab.rundir import hold, resume_command
-
 from conftest import QUICK, REPO, assert_same_nested, compose_cfg, load_ckpt, run_cli
-from mlplab.training import train
+from mlplab import runs
+from mlplab.engines import train
+from mlplab.rundir import hold, resume_command
 
 SEND_SIGNAL = "+callbacks.send_signal._target_=send_signal.SendSignal"
 ARGS = [*QUICK, "logger=none"]
 
 
 def _env(tmp_path: Path, signal_at: str | None = None) -> dict[str, str]:
-    env = {"MLPLAB_ROOT": str(tmp_path), "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        "MLPLAB_ROOT": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
     return {**env, "MLPLAB_TEST_SIGNAL": signal_at} if signal_at else env
 
 
@@ -53,9 +55,13 @@ def test_a_run_that_fails_before_training_removes_only_what_it_made(tmp_path: Pa
     before = _tree(users)
     fresh = tmp_path / "new" / "deeper" / "run"
     for run_dir in (users, fresh):
-        proc = run_cli("train", [*ARGS, f"hydra.run.dir={run_dir}", "optimizer.lr=nan"], cwd=tmp_path, env=_env(tmp_path))
+        proc = run_cli(
+            "train", [*ARGS, f"hydra.run.dir={run_dir}", "optimizer.lr=nan"], cwd=tmp_path, env=_env(tmp_path)
+        )
         assert proc.returncode == 2, proc.stderr[-2000:]
-        assert _error_lines(proc.stderr) == ["error: optimizer.lr=nan is invalid; allowed: a finite number > 0"], proc.stderr
+        assert _error_lines(proc.stderr) == ["error: optimizer.lr=nan is invalid; allowed: a finite number > 0"], (
+            proc.stderr
+        )
     assert _tree(users) == before  # the folder, its notes.log and its subfolder, untouched; nothing added
     assert not (tmp_path / "new").exists()  # the folders the failed run made are gone
 
@@ -79,8 +85,11 @@ def test_refused_resumes_never_touch_the_record(completed: Path, tmp_path: Path)
     record = (run_dir / "run.json").read_bytes()
     checkpoints = _tree(run_dir / "checkpoints")
     cases = [
-        ([], f"error: resume={run_dir} completed its 1 epochs (run.json status ok), so there is nothing to resume; "
-             f"allowed: resume={run_dir} trainer.max_epochs=N with N > 1 to train longer"),
+        (
+            [],
+            f"error: resume={run_dir} completed its 1 epochs (run.json status ok), so there is nothing to resume; "
+            f"allowed: resume={run_dir} trainer.max_epochs=N with N > 1 to train longer",
+        ),
         (["trainer.max_epochs=2", "optimizer.lr=nan"], "error: optimizer.lr=nan is invalid"),
         (["trainer.max_epochs=2", "scheduler=onecycle"], "error: trainer.max_epochs=2 but ckpt_path="),
     ]
@@ -112,7 +121,9 @@ def test_refused_resumes_never_touch_the_record(completed: Path, tmp_path: Path)
     assert _tree(run_dir / "checkpoints") == checkpoints and (run_dir / "run.json").read_bytes() == record
 
 
-def test_a_moved_run_dir_resumes_longer_from_its_newest_epoch_with_the_schedule_replanned(completed: Path, tmp_path: Path) -> None:
+def test_a_moved_run_dir_resumes_longer_from_its_newest_epoch_with_the_schedule_replanned(
+    completed: Path, tmp_path: Path
+) -> None:
     copied = tmp_path / "copied-then-moved"
     shutil.copytree(completed, copied)
     moved = tmp_path / "elsewhere" / "run"
@@ -127,7 +138,10 @@ def test_a_moved_run_dir_resumes_longer_from_its_newest_epoch_with_the_schedule_
 
     proc = run_cli("train", [f"resume={moved}", "trainer.max_epochs=2"], cwd=tmp_path, env=_env(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "the cosine lr schedule is re-planned for 2 epochs (the checkpoint's was planned for 1)" in proc.stdout + proc.stderr
+    assert (
+        "the cosine lr schedule is re-planned for 2 epochs (the checkpoint's was planned for 1)"
+        in proc.stdout + proc.stderr
+    )
     files = sorted(p.name for p in (moved / "checkpoints").iterdir())
     assert "last-v1.ckpt" not in files and not [f for f in files if f.endswith(".partial")], files
     assert load_ckpt(moved / "checkpoints" / "last.ckpt")["epoch"] == 1
@@ -139,8 +153,11 @@ def test_a_moved_run_dir_resumes_longer_from_its_newest_epoch_with_the_schedule_
     # Re-planned as if planned for 2 epochs from the start: the same weights as a fresh 2-epoch run.
     fresh = tmp_path / "fresh"
     train(compose_cfg([o for o in ARGS if not o.startswith("trainer.max_epochs")] + ["trainer.max_epochs=2"], fresh))
-    assert_same_nested(load_ckpt(moved / "checkpoints" / "last.ckpt")["state_dict"],
-                       load_ckpt(fresh / "checkpoints" / "last.ckpt")["state_dict"], "state_dict")
+    assert_same_nested(
+        load_ckpt(moved / "checkpoints" / "last.ckpt")["state_dict"],
+        load_ckpt(fresh / "checkpoints" / "last.ckpt")["state_dict"],
+        "state_dict",
+    )
 
 
 # -- signals ----------------------------------------------------------------------------------------
@@ -149,7 +166,9 @@ def test_a_moved_run_dir_resumes_longer_from_its_newest_epoch_with_the_schedule_
 def _paste(command: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run a printed ``python src/train.py ...`` command as pasted into a shell, from the checkout."""
     command = command.replace("python src/train.py", f"{sys.executable} src/train.py", 1)
-    return subprocess.run(["bash", "-c", command], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["bash", "-c", command], cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_sigterm_in_a_sweeps_test_stage_stops_the_sweep_and_the_pasted_resume_works(tmp_path: Path) -> None:
@@ -176,14 +195,22 @@ def test_sigterm_in_a_sweeps_test_stage_stops_the_sweep_and_the_pasted_resume_wo
 
 def test_sigterm_between_two_sweep_jobs_stops_the_sweep_with_its_summary(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    args = ["-m", *ARGS, "test=false", "seed=1,2,3", f"hydra.sweep.dir={sweep}",
-            "+hydra.callbacks.signal_after_first_job._target_=fault_callbacks.SignalAfterFirstJob"]
+    args = [
+        "-m",
+        *ARGS,
+        "test=false",
+        "seed=1,2,3",
+        f"hydra.sweep.dir={sweep}",
+        "+hydra.callbacks.signal_after_first_job._target_=fault_callbacks.SignalAfterFirstJob",
+    ]
     proc = run_cli("train", args, cwd=tmp_path, env=_env(tmp_path))
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     [line] = _error_lines(proc.stderr, "interrupted:")
-    assert line.startswith("interrupted: the sweep was stopped by SIGTERM between two jobs; the summary of the jobs so far "
-                           f"is in {sweep / 'summary.md'}"), line
+    assert line.startswith(
+        "interrupted: the sweep was stopped by SIGTERM between two jobs; the summary of the jobs so far "
+        f"is in {sweep / 'summary.md'}"
+    ), line
     assert [p.name.split("_")[0] for p in sweep.iterdir() if p.is_dir()] == ["0"]  # no later job started
     assert runs.read_run_record(next(sweep.glob("0_*")))["status"] == "ok"
     assert "1 jobs, 1 ok, 0 failed" in (sweep / "summary.md").read_text()
@@ -212,7 +239,9 @@ def small_disk(tmp_path: Path):
     """A 16 MB tmpfs (a real filesystem that fills up); skipped where this user cannot mount one."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
     yield disk
@@ -221,7 +250,12 @@ def small_disk(tmp_path: Path):
 
 def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoints(small_disk: Path, tmp_path: Path) -> None:
     run_dir = small_disk / "run"
-    args = [*ARGS, "trainer.max_epochs=3", f"hydra.run.dir={run_dir}", "+callbacks.fill._target_=fault_callbacks.FillDisk"]
+    args = [
+        *ARGS,
+        "trainer.max_epochs=3",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.fill._target_=fault_callbacks.FillDisk",
+    ]
     proc = run_cli("train", args, cwd=tmp_path, env={**_env(tmp_path), "MLPLAB_TEST_FILL_AT_EPOCH": "1"})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Logging error" not in proc.stderr, proc.stderr[-3000:]

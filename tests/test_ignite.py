@@ -6,8 +6,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import QUICK, compose_cfg
+from mlplab.engines import train
 from mlplab.errors import ConfigError
-from mlplab.training import train
 
 SCALARS = {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc"}
 
@@ -20,7 +20,9 @@ def _scalars(out_dir) -> dict[str, list[float]]:
 
 def test_ignite_matches_lightning_on_digits(tmp_path):
     common = [*QUICK, "trainer.max_epochs=5"]
-    lightning_metric = train(compose_cfg([*common, "engine=lightning", "optimized_metric=test/acc"], tmp_path / "lightning"))
+    lightning_metric = train(
+        compose_cfg([*common, "engine=lightning", "optimized_metric=test/acc"], tmp_path / "lightning")
+    )
     ignite_metric = train(compose_cfg([*common, "engine=ignite", "optimized_metric=test/acc"], tmp_path / "ignite"))
     assert lightning_metric > 0.9 and ignite_metric > 0.9
     assert abs(lightning_metric - ignite_metric) <= 0.005  # within half a point
@@ -49,9 +51,11 @@ def test_unknown_engine(tmp_path):
 @pytest.mark.slow
 def test_compiled_run_checkpoints_load_uncompiled(tmp_path):
     """compile=true: torch.compile'd training; the best checkpoint evaluates in an uncompiled net."""
-    from mlplab.training import evaluate
+    from mlplab.engines import evaluate
 
-    acc = train(compose_cfg([*QUICK, "trainer.max_epochs=2", "compile=true", "optimized_metric=test/acc"], tmp_path / "run"))
+    acc = train(
+        compose_cfg([*QUICK, "trainer.max_epochs=2", "compile=true", "optimized_metric=test/acc"], tmp_path / "run")
+    )
     best = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
     eval_cfg = compose_cfg([f"ckpt_path={best}", "trainer=cpu"], tmp_path / "eval", config_name="eval")
     assert evaluate(eval_cfg)["test/acc"] == pytest.approx(acc, abs=1e-6)
@@ -59,8 +63,12 @@ def test_compiled_run_checkpoints_load_uncompiled(tmp_path):
 
 def test_ignite_onecycle_steps_per_batch(tmp_path):
     """The same scheduler configs work in both engines (one-cycle: total_steps from the run)."""
-    acc = train(compose_cfg([*QUICK, "engine=ignite", "scheduler=onecycle", "trainer.max_epochs=2",
-                             "optimized_metric=test/acc"], tmp_path))
+    acc = train(
+        compose_cfg(
+            [*QUICK, "engine=ignite", "scheduler=onecycle", "trainer.max_epochs=2", "optimized_metric=test/acc"],
+            tmp_path,
+        )
+    )
     assert acc > 0.8
 
 
@@ -70,9 +78,9 @@ def test_ignite_divergence_stops_before_that_epochs_checkpoints(tmp_path, monkey
 
     import torch
 
-    import mlplab.ignite_engine as ie
+    import mlplab.engines.ignite as ie
+    from mlplab.engines.build import build_datamodule
     from mlplab.errors import DivergenceError
-    from mlplab.training import build_datamodule
 
     cfg = compose_cfg([*QUICK, "engine=ignite", "trainer.max_epochs=3", "logger=none"], tmp_path / "run")
     dm = build_datamodule(cfg.data)
@@ -96,7 +104,9 @@ def test_ignite_divergence_stops_before_that_epochs_checkpoints(tmp_path, monkey
     with pytest.raises(DivergenceError) as info:
         train(cfg)
     msg = str(info.value)
-    assert re.match(rf"training diverged: non-finite loss at step {bad_step} \(epoch 1, lr \S+ at the epoch's start\); ", msg), msg
+    assert re.match(
+        rf"training diverged: non-finite loss at step {bad_step} \(epoch 1, lr \S+ at the epoch's start\); ", msg
+    ), msg
     assert "\n" not in msg
     assert calls[0] == 2 * steps_per_epoch  # epoch 1 ran to its end, no further
     ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
@@ -115,7 +125,7 @@ def test_ignite_huge_learning_rate_fails_the_run_in_one_line(tmp_path, capsys):
 
     from mlplab import runs
     from mlplab.cli import EXIT_USER_ERROR, run_job
-    from mlplab.training import fit
+    from mlplab.engines import fit
 
     out = tmp_path / "logs" / "runs" / "diverged"
     cfg = compose_cfg([*QUICK, "engine=ignite", "optimizer.lr=1e6"], out)

@@ -57,14 +57,27 @@ def _alive(pid: int) -> bool:
 
 def test_a_killed_job_process_fails_only_its_own_job(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
-    proc = run_cli("train", ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                             "model=simple_net,sigmoid_net,relu_mlp", *QUICK, "logger=none", f"paths.log_dir={log_dir}",
-                             "+callbacks.killer._target_=sweep_faults.KillJob", "+callbacks.killer.job=1"],
-                   cwd=tmp_path, env=_env(tmp_path), timeout=300)
+    proc = run_cli(
+        "train",
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "model=simple_net,sigmoid_net,relu_mlp",
+            *QUICK,
+            "logger=none",
+            f"paths.log_dir={log_dir}",
+            "+callbacks.killer._target_=sweep_faults.KillJob",
+            "+callbacks.killer.job=1",
+        ],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        timeout=300,
+    )
     out = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     assert proc.returncode == EXIT_JOBS_FAILED, out
     assert "TerminatedWorkerError" not in proc.stderr, out
-    assert f"error: job 1 (model=sigmoid_net " in proc.stderr and f"): {DEAD_JOB}\n" in proc.stderr, out
+    assert "error: job 1 (model=sigmoid_net " in proc.stderr and f"): {DEAD_JOB}\n" in proc.stderr, out
     assert "1 of 3 jobs failed (see the table above)" in proc.stderr, out
 
     sweep = _only_sweep_dir(log_dir)
@@ -90,19 +103,36 @@ def test_a_killed_job_process_fails_only_its_own_job(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # a sweep of ~20 s each
-@pytest.mark.parametrize(("sig", "code", "job_sig"), [
-    ("SIGTERM", 143, "SIGTERM"),
-    ("SIGINT", 130, "SIGINT"),
-    ("SIGKILL", -9, "SIGTERM"),  # the sweep's process is gone: each job stops itself as on SIGTERM
-])
+@pytest.mark.parametrize(
+    ("sig", "code", "job_sig"),
+    [
+        ("SIGTERM", 143, "SIGTERM"),
+        ("SIGINT", 130, "SIGINT"),
+        ("SIGKILL", -9, "SIGTERM"),  # the sweep's process is gone: each job stops itself as on SIGTERM
+    ],
+)
 def test_a_signal_to_the_sweep_stops_its_job_processes(tmp_path: Path, sig: str, code: int, job_sig: str) -> None:
     log_dir, pid_dir = tmp_path / "logs", tmp_path / "pids"
-    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "model=simple_net,relu_mlp", *QUICK,
-            "trainer.max_epochs=50", "logger=none", f"paths.log_dir={log_dir}",
-            "+callbacks.stall._target_=sweep_faults.Stall", f"+callbacks.stall.pid_dir={pid_dir}"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "src" / "train.py"), *args], cwd=tmp_path,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **_env(tmp_path)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "model=simple_net,relu_mlp",
+        *QUICK,
+        "trainer.max_epochs=50",
+        "logger=none",
+        f"paths.log_dir={log_dir}",
+        "+callbacks.stall._target_=sweep_faults.Stall",
+        f"+callbacks.stall.pid_dir={pid_dir}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "src" / "train.py"), *args],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **_env(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while len(list(pid_dir.glob("*"))) < 2 and proc.poll() is None and time.monotonic() < deadline:

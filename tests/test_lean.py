@@ -1,4 +1,4 @@
-"""mlplab.lean: Lightning's per-step dispatch trimmed, with the same results."""
+"""mlplab.lightning_ext.fastpath and mlplab.lean: Lightning's per-step dispatch trimmed, with the same results."""
 
 from __future__ import annotations
 
@@ -7,20 +7,20 @@ import subprocess
 import sys
 from functools import partial
 
-import pytest
-
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.profilers import SimpleProfiler
 from lightning.pytorch.trainer import call
 
-import mlplab.training as training
-from mlplab.data import DigitsDataModule
-from mlplab.lean import NullProfiler, TRAIN_BATCH_HOOKS, direct_steps_possible, trim_dispatch
-from mlplab.models import MLP, Classifier
-
+import mlplab.engines.lightning as lightning_engine
+import mlplab.engines.run as engines_run
 from conftest import QUICK, compose_cfg
+from mlplab.data import DigitsDataModule
+from mlplab.errors import ConfigError
+from mlplab.lightning_ext.fastpath import TRAIN_BATCH_HOOKS, NullProfiler, direct_steps_possible, trim_dispatch
+from mlplab.models import MLP, Classifier
 
 
 def _module(**kwargs) -> Classifier:
@@ -53,8 +53,13 @@ def test_trimmed_training_gives_the_same_weights_and_still_checkpoints_by_step(t
     def run(trim: bool, sub: str) -> dict[str, torch.Tensor]:
         L.seed_everything(0, verbose=False)
         ckpt = ModelCheckpoint(dirpath=tmp_path / sub, every_n_train_steps=7, save_top_k=-1)
-        trainer = _trainer(tmp_path / sub, callbacks=[ckpt], enable_progress_bar=False, max_epochs=2,
-                           **({"profiler": NullProfiler()} if trim else {}))
+        trainer = _trainer(
+            tmp_path / sub,
+            callbacks=[ckpt],
+            enable_progress_bar=False,
+            max_epochs=2,
+            **({"profiler": NullProfiler()} if trim else {}),
+        )
         model = _module()
         if trim:
             trim_dispatch(trainer, model)
@@ -80,10 +85,12 @@ def test_gradient_clipping_still_applies(tmp_path):
 
 def test_runs_use_the_null_profiler_unless_one_is_configured(tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(training, "trim_dispatch", lambda trainer, module: seen.append(trainer.profiler))
+    monkeypatch.setattr(lightning_engine, "trim_dispatch", lambda trainer, module: seen.append(trainer.profiler))
     for extra in ([], ["+trainer.profiler=simple"]):
-        cfg = compose_cfg([*QUICK, "data=digits", "trainer.max_epochs=1", "test=false", *extra], tmp_path / str(len(seen)))
-        training.fit(cfg)
+        cfg = compose_cfg(
+            [*QUICK, "data=digits", "trainer.max_epochs=1", "test=false", *extra], tmp_path / str(len(seen))
+        )
+        engines_run.fit(cfg)
     assert isinstance(seen[0], NullProfiler)
     assert isinstance(seen[1], SimpleProfiler) and not isinstance(seen[1], NullProfiler)
     with NullProfiler().profile("anything") as action:
@@ -105,8 +112,10 @@ def _fit_record(tmp_path, steps_per_call: int, *overrides: str):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / f"k{steps_per_call}"
-    cfg = compose_cfg([*QUICK, "data=digits", "data.batch_size=16", f"steps_per_call={steps_per_call}", *overrides], out)
-    metrics = training.fit(cfg)
+    cfg = compose_cfg(
+        [*QUICK, "data=digits", "data.batch_size=16", f"steps_per_call={steps_per_call}", *overrides], out
+    )
+    metrics = engines_run.fit(cfg)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     events = EventAccumulator(str(next(out.rglob("events.out.tfevents*")).parent))
     events.Reload()
@@ -114,9 +123,15 @@ def _fit_record(tmp_path, steps_per_call: int, *overrides: str):
     return metrics, ckpt, scalars
 
 
-@pytest.mark.parametrize("overrides", [["trainer.max_epochs=2"], ["scheduler=onecycle", "trainer.max_epochs=2"],
-                                       ["scheduler=onecycle", "+trainer.max_steps=100", "model.dropout=0.2"]],
-                         ids=["cosine per epoch", "onecycle per step", "max_steps mid-epoch, dropout"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.max_epochs=2"],
+        ["scheduler=onecycle", "trainer.max_epochs=2"],
+        ["scheduler=onecycle", "+trainer.max_steps=100", "model.dropout=0.2"],
+    ],
+    ids=["cosine per epoch", "onecycle per step", "max_steps mid-epoch, dropout"],
+)
 def test_fused_steps_train_exactly_as_one_step_per_call(tmp_path, overrides):
     """The same minibatches, steps, schedule, RNG draws: the same weights, metrics and log steps."""
     plain_metrics, plain, plain_tb = _fit_record(tmp_path, 1, *overrides)
@@ -132,9 +147,14 @@ def test_fused_steps_train_exactly_as_one_step_per_call(tmp_path, overrides):
         assert fused_tb[tag] == plain_tb[tag], tag  # same values at the same (optimizer) steps
 
 
-@pytest.mark.parametrize(("override", "reason"), [("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val"),
-                                                  ("+trainer.limit_train_batches=5", "trainer.limit_train_batches"),
-                                                  ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches")])
+@pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        ("+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val"),
+        ("+trainer.limit_train_batches=5", "trainer.limit_train_batches"),
+        ("+trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches"),
+    ],
+)
 def test_fused_steps_fall_back_to_lightnings_loop_where_they_would_change_the_run(tmp_path, caplog, override, reason):
     seen = []
     original = Classifier.fuse_steps
@@ -143,9 +163,9 @@ def test_fused_steps_fall_back_to_lightnings_loop_where_they_would_change_the_ru
         seen.append(steps)
         original(self, steps, batch_size)
 
-    with pytest.MonkeyPatch.context() as mp, caplog.at_level("INFO", logger="mlplab.training"):
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level("INFO", logger="mlplab.engines.lightning"):
         mp.setattr(Classifier, "fuse_steps", spy)
-        training.fit(compose_cfg([*QUICK, "data=digits", "test=false", "steps_per_call=8", override], tmp_path))
+        engines_run.fit(compose_cfg([*QUICK, "data=digits", "test=false", "steps_per_call=8", override], tmp_path))
     assert seen == [1]
     assert f"steps_per_call=8 -> 1 (one optimizer step per training_step) because of {reason}" in caplog.text
 
@@ -154,12 +174,16 @@ def test_fused_steps_fall_back_to_lightnings_loop_where_they_would_change_the_ru
 def test_a_checkpoint_continues_under_another_steps_per_call(tmp_path, first, then):
     """ckpt_path= from a run with another steps_per_call: the step count carries over."""
     common = [*QUICK, "data=digits", "logger=none", "test=false"]
-    training.fit(compose_cfg([*common, f"steps_per_call={first}"], tmp_path / "a"))
+    engines_run.fit(compose_cfg([*common, f"steps_per_call={first}"], tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     steps = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
-    training.fit(compose_cfg([*common, f"steps_per_call={then}", "trainer.max_epochs=2", f"ckpt_path={ckpt}"],
-                             tmp_path / "b"))
-    assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2 * steps
+    engines_run.fit(
+        compose_cfg([*common, f"steps_per_call={then}", "trainer.max_epochs=2", f"ckpt_path={ckpt}"], tmp_path / "b")
+    )
+    assert (
+        torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+        == 2 * steps
+    )
 
 
 class _StepSpy(L.Callback):
@@ -169,7 +193,9 @@ class _StepSpy(L.Callback):
         self.trace: list[tuple] = []
 
     def on_before_backward(self, trainer, pl_module, loss):
-        self.trace.append(("before_backward", trainer.global_step, pl_module._current_fx_name, loss.item(), loss.requires_grad))
+        self.trace.append(
+            ("before_backward", trainer.global_step, pl_module._current_fx_name, loss.item(), loss.requires_grad)
+        )
 
     def on_after_backward(self, trainer, pl_module):
         grad = next(pl_module.net.parameters()).grad
@@ -184,9 +210,9 @@ class _Probe(Classifier):
         self.log("probe/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
 
-def _fused_trace(tmp_path, direct: bool):
+def _fused_trace(tmp_path, direct: bool, spy: L.Callback | None = None):
     L.seed_everything(0, verbose=False)
-    spy = _StepSpy()
+    spy = spy if spy is not None else _StepSpy()
     trainer = _trainer(tmp_path, callbacks=[spy], profiler=NullProfiler(), enable_progress_bar=False, max_epochs=2)
     torch.manual_seed(0)
     model = _Probe(MLP(64, 10, hidden_sizes=(32,)), 10, optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
@@ -217,6 +243,69 @@ def test_direct_steps_make_lightnings_calls_in_lightnings_order(tmp_path):
     assert all(torch.equal(weights[k], lightning_weights[k]) for k in weights)
 
 
+def _described(value):
+    """A value a hook received, as a comparable record (tensors by shape and sum)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), round(float(value.detach().double().sum()), 6) if value.numel() else 0.0)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_described(v) for v in value)
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted(map(str, value))))  # a checkpoint: its keys
+    return type(value).__name__
+
+
+def _every_hook_spy() -> L.Callback:
+    """A callback that overrides every hook of Lightning's ``Callback`` (whatever this version has)
+    and records each call: the hook, the step count, the hook name the module exposes, the arguments."""
+    hooks = sorted(n for n in vars(L.Callback) if n.startswith("on_") or n in ("setup", "teardown"))
+
+    def recorder(name):
+        def hook(self, trainer, pl_module, *args, **kwargs):
+            self.trace.append(
+                (
+                    name,
+                    trainer.global_step,
+                    getattr(pl_module, "_current_fx_name", None),
+                    _described(args),
+                    _described(dict(sorted(kwargs.items()))),
+                )
+            )
+
+        return hook
+
+    def init(self):
+        self.trace = []
+
+    spy = type("EveryHook", (L.Callback,), {"__init__": init, **{n: recorder(n) for n in hooks}})()
+    assert len(hooks) > 30  # Lightning 2.6 has ~40
+    return spy
+
+
+def test_canary_the_fast_path_calls_every_hook_lightning_calls(tmp_path):
+    """A callback overriding every Lightning hook sees the same calls, in the same order, with the
+    same arguments, through the fast path (trimmed dispatch, direct steps) and through Lightning's
+    own dispatch. A hook a new Lightning version adds or moves fails here instead of being skipped."""
+    fast, trainer, weights = _fused_trace(tmp_path / "fast", direct=True, spy=_every_hook_spy())
+    own, own_trainer, own_weights = _fused_trace(tmp_path / "own", direct=False, spy=_every_hook_spy())
+    assert trainer.global_step == own_trainer.global_step > 16
+    called = {entry[0] for entry in own}
+    assert {
+        "on_before_backward",
+        "on_after_backward",
+        "on_before_optimizer_step",
+        "on_train_batch_end",
+        "on_validation_batch_end",
+        "on_save_checkpoint",
+        "on_train_epoch_end",
+    } <= called
+    assert len(fast) == len(own)
+    for i, (a, b) in enumerate(zip(fast, own)):
+        assert a == b, (i, a, b)
+    assert all(torch.equal(weights[k], own_weights[k]) for k in weights)
+
+
 @pytest.mark.parametrize("change", ["profiler", "precision", "backward"])
 def test_direct_steps_only_where_they_change_nothing(tmp_path, change):
     class OwnBackward(Classifier):
@@ -230,7 +319,11 @@ def test_direct_steps_only_where_they_change_nothing(tmp_path, change):
         module = OwnBackward(MLP(64, 10, hidden_sizes=(32,)), 10, optimizer=partial(torch.optim.SGD, lr=0.1))
         assert not direct_steps_possible(plain, module)
     else:
-        kwargs = {"profiler": SimpleProfiler()} if change == "profiler" else {"precision": "bf16-mixed", "profiler": NullProfiler()}
+        kwargs = (
+            {"profiler": SimpleProfiler()}
+            if change == "profiler"
+            else {"precision": "bf16-mixed", "profiler": NullProfiler()}
+        )
         assert not direct_steps_possible(_trainer(tmp_path, **kwargs), _module())
 
 
@@ -312,20 +405,23 @@ def test_runs_flush_denormals_unless_told_not_to_and_leave_the_callers_thread_as
     real = lean.flush_denormals
 
     def spy():
-        result = real()
+        real()
         seen.append(lean._flushes_here())
         return False  # as when torch's worker threads were started before the run
+
     monkeypatch.setattr(lean, "flush_denormals", spy)
-    original_fit = training._fit
-    monkeypatch.setattr(training, "_fit", lambda cfg: seen.append(("in run", lean._flushes_here())) or original_fit(cfg))
+    original = engines_run.validate_train_config  # the run's first step, inside its flushing
+    monkeypatch.setattr(
+        engines_run, "validate_train_config", lambda cfg: seen.append(("in run", lean._flushes_here())) or original(cfg)
+    )
     base = [*QUICK, "data=digits", "trainer.max_epochs=1", "test=false"]
     assert not lean._flushes_here()
-    with caplog.at_level("INFO", logger="mlplab.training"):
-        training.fit(compose_cfg(base, tmp_path / "a"))
+    with caplog.at_level("INFO", logger="mlplab.engines.run"):
+        engines_run.fit(compose_cfg(base, tmp_path / "a"))
     assert seen == [True, ("in run", True)]
     assert not lean._flushes_here()  # restored: numpy, hypothesis, the next cell compute as before
     assert "only the main thread flushes denormal floats" in caplog.text
-    training.fit(compose_cfg([*base, "flush_denormal=false"], tmp_path / "b"))
+    engines_run.fit(compose_cfg([*base, "flush_denormal=false"], tmp_path / "b"))
     assert seen[2:] == [("in run", False)]
-    with pytest.raises(training.ConfigError, match="flush_denormal='yes' is invalid; allowed: true, false"):
-        training.fit(compose_cfg([*base, "flush_denormal=yes"], tmp_path / "c"))
+    with pytest.raises(ConfigError, match="flush_denormal='yes' is invalid; allowed: true, false"):
+        engines_run.fit(compose_cfg([*base, "flush_denormal=yes"], tmp_path / "c"))

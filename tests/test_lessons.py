@@ -15,10 +15,10 @@ from torch import nn
 from conftest import QUICK, compose_cfg, linears
 from mlplab.config import validate_train_config
 from mlplab.data import MoonsDataModule, XORDataModule
+from mlplab.engines import train
+from mlplab.engines.build import build_datamodule, build_loss, build_net
 from mlplab.errors import ConfigError
 from mlplab.models import MLP, CrossEntropy, SquaredError
-from mlplab.training import build_datamodule, build_loss, build_net, train
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -69,7 +69,11 @@ def test_moons_defaults_split_and_seed(tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"noise": -0.1}, "data.noise=-0.1"), ({"n_samples": 0}, "data.n_samples=0"), ({"test_size": 199}, "data.test_size=199")],
+    [
+        ({"noise": -0.1}, "data.noise=-0.1"),
+        ({"n_samples": 0}, "data.n_samples=0"),
+        ({"test_size": 199}, "data.test_size=199"),
+    ],
 )
 def test_moons_bad_values(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -163,9 +167,20 @@ def test_loss_and_optimizer_groups(tmp_path):
 
 def test_mse_run_reports_the_squared_error(tmp_path):
     """train() with loss=mse (sigmoid outputs) learns digits and reports the squared error."""
-    cfg = compose_cfg(QUICK + ["loss=mse", "model.output_activation=sigmoid", "model.init=glorot_uniform",
-                               "optimizer=adam", "optimizer.lr=0.001", "trainer.max_epochs=3", "logger=none",
-                               "optimized_metric=test/loss"], tmp_path)
+    cfg = compose_cfg(
+        QUICK
+        + [
+            "loss=mse",
+            "model.output_activation=sigmoid",
+            "model.init=glorot_uniform",
+            "optimizer=adam",
+            "optimizer.lr=0.001",
+            "trainer.max_epochs=3",
+            "logger=none",
+            "optimized_metric=test/loss",
+        ],
+        tmp_path,
+    )
     test_loss = train(cfg)
     # untrained sigmoid outputs (~0.5 each) against one-hot targets cost ~1/2 * 10 * 0.25 = 1.25 a sample,
     # outputs stuck at 0 cost 0.5; a net that learnt digits is far below both
@@ -194,8 +209,15 @@ def _fit_grab(tmp_path, overrides):
     dm = build_datamodule(cfg.data)
     model = Classifier(build_net(cfg.model, dm), dm.num_classes, instantiate(cfg.optimizer))
     grab = _Grab()
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[grab], enable_checkpointing=False,
-                          limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer = instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=[grab],
+        enable_checkpointing=False,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, datamodule=dm)
     return dm, grab
 
@@ -240,14 +262,26 @@ QUIET = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0", "trainer.enable
 LESSON_PRESETS = {
     # preset: (data target, linear layer sizes, sweep params or None)
     "xor": ("XORDataModule", [(2, 2), (2, 1)], None),
-    "moons_activations": ("MoonsDataModule", [(2, 100), (100, 100), (100, 2)], {"model.activation": "identity,sigmoid,tanh,relu"}),
-    "vanishing_gradient": ("MoonsDataModule", [(2, 5)] + [(5, 5)] * 49 + [(5, 2)], {"model.activation": "sigmoid,tanh,relu"}),
+    "moons_activations": (
+        "MoonsDataModule",
+        [(2, 100), (100, 100), (100, 2)],
+        {"model.activation": "identity,sigmoid,tanh,relu"},
+    ),
+    "vanishing_gradient": (
+        "MoonsDataModule",
+        [(2, 5)] + [(5, 5)] * 49 + [(5, 2)],
+        {"model.activation": "sigmoid,tanh,relu"},
+    ),
     "digits_sigmoid": ("DigitsDataModule", [(64, 32), (32, 16), (16, 10)], None),
     "digits_relu": ("DigitsDataModule", [(64, 32), (32, 16), (16, 10)], None),
     "digits_numpy": ("DigitsDataModule", None, None),
     "mnist_tp": ("MNISTDataModule", [(784, 32), (32, 10)], None),
     "batch_size_sweep": ("MNISTDataModule", [(784, 32), (32, 10)], {"data.batch_size": "16,128,1024,8192"}),
-    "lesson_d_models": ("FashionMNISTDataModule", [(784, 120), (120, 10)], {"model": "simple_net,sigmoid_net,relu_net"}),
+    "lesson_d_models": (
+        "FashionMNISTDataModule",
+        [(784, 120), (120, 10)],
+        {"model": "simple_net,sigmoid_net,relu_net"},
+    ),
     "dropout": ("DigitsDataModule", [(64, 512), (512, 512), (512, 10)], {"model.dropout": "0.0,0.5"}),
 }
 
@@ -280,7 +314,7 @@ def test_lesson_presets_compose_and_build(tmp_path, preset):
 def test_xor_preset_learns_xor_and_eval_reproduces_it(tmp_path):
     """Lesson A: the 2-2-1 sigmoid net with squared error classifies all four points; eval.py
     rebuilds net *and loss* from the checkpoint (same test/loss, a squared error)."""
-    from mlplab.training import evaluate, fit
+    from mlplab.engines import evaluate, fit
 
     cfg = compose_cfg([*QUIET, "experiment=xor"], tmp_path / "run")
     assert cfg.model.single_output and cfg.model.output_activation == "sigmoid"
@@ -288,13 +322,17 @@ def test_xor_preset_learns_xor_and_eval_reproduces_it(tmp_path):
     assert metrics["test/acc"] == 1.0 and metrics["epochs"] == 200
     assert 0.0 < metrics["test/loss"] < 0.02  # mean 1/2 (o - d)^2 with every o on the right side of 0.5
     ckpt = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
-    ev = evaluate(compose_cfg(["trainer=cpu", "logger=none", f"ckpt_path={ckpt}"], tmp_path / "eval", config_name="eval"))
+    ev = evaluate(
+        compose_cfg(["trainer=cpu", "logger=none", f"ckpt_path={ckpt}"], tmp_path / "eval", config_name="eval")
+    )
     assert ev["test/acc"] == 1.0 and ev["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-6)
 
 
 def test_numpy_mlp_refuses_settings_it_would_ignore(tmp_path):
     cfg = compose_cfg([*QUIET, "model=numpy_mlp"], tmp_path)
-    with pytest.raises(ConfigError, match="model=numpy_mlp trains with squared error and plain gradient descent") as info:
+    with pytest.raises(
+        ConfigError, match="model=numpy_mlp trains with squared error and plain gradient descent"
+    ) as info:
         train(cfg)
     assert "allowed: loss=mse scheduler=none" in str(info.value)
     with pytest.raises(ConfigError, match="model.activation='relu' is invalid for model=numpy_mlp"):
@@ -310,8 +348,10 @@ def test_digits_numpy_preset_passes_the_lessons_target(tmp_path):
 @pytest.mark.parametrize(("activation", "low", "high"), [("identity", 0.6, 0.85), ("relu", 0.9, 1.0)])
 def test_moons_activations_preset(tmp_path, activation, low, high):
     """Lesson B.3: a linear net cannot separate the moons, ReLU can (two of the four sweep jobs)."""
-    cfg = compose_cfg([*QUIET, "experiment=moons_activations", f"model.activation={activation}",
-                       "optimized_metric=test/acc"], tmp_path)
+    cfg = compose_cfg(
+        [*QUIET, "experiment=moons_activations", f"model.activation={activation}", "optimized_metric=test/acc"],
+        tmp_path,
+    )
     assert low <= train(cfg) <= high
 
 
@@ -319,7 +359,7 @@ def test_vanishing_gradient_preset(tmp_path):
     """Lesson B.1 on the preset's untrained 50-layer chain: per-layer weight-gradient norms."""
     norms = {}
     for activation in ("sigmoid", "tanh", "relu"):
-        cfg = compose_cfg([f"experiment=vanishing_gradient", f"model.activation={activation}"], tmp_path)
+        cfg = compose_cfg(["experiment=vanishing_gradient", f"model.activation={activation}"], tmp_path)
         L.seed_everything(cfg.seed, verbose=False)
         dm = build_datamodule(cfg.data)
         dm.setup()
@@ -346,7 +386,7 @@ def _real(real_data_dir) -> list[str]:
 def test_mnist_tp_preset(tmp_path, real_data_dir):
     """Lesson C in torch: 32 sigmoid units, squared error, batch 512, 10 epochs."""
     cfg = compose_cfg([*QUIET, "experiment=mnist_tp", *_real(real_data_dir)], tmp_path)
-    from mlplab.training import fit
+    from mlplab.engines import fit
 
     metrics = fit(cfg)
     assert metrics["test/acc"] >= 0.92 and metrics["epochs"] == 10
@@ -355,11 +395,13 @@ def test_mnist_tp_preset(tmp_path, real_data_dir):
 @pytest.mark.slow
 def test_lesson_d_models_preset(tmp_path, real_data_dir):
     """Lesson D's three nets at its small lr: SimpleNet and ReLU learn, SigmoidNet stays near chance."""
-    from mlplab.training import fit
+    from mlplab.engines import fit
 
     acc = {}
     for model in ("simple_net", "sigmoid_net", "relu_net"):
-        cfg = compose_cfg([*QUIET, "experiment=lesson_d_models", f"model={model}", *_real(real_data_dir)], tmp_path / model)
+        cfg = compose_cfg(
+            [*QUIET, "experiment=lesson_d_models", f"model={model}", *_real(real_data_dir)], tmp_path / model
+        )
         acc[model] = fit(cfg)["test/acc"]
     assert acc["simple_net"] >= 0.65 and acc["relu_net"] >= 0.6
     assert acc["sigmoid_net"] < 0.3
@@ -367,9 +409,11 @@ def test_lesson_d_models_preset(tmp_path, real_data_dir):
 
 @pytest.mark.slow
 def test_dropout_preset_shows_overfitting(tmp_path):
-    from mlplab.training import fit
+    from mlplab.engines import fit
 
-    runs = {p: fit(compose_cfg([*QUIET, "experiment=dropout", f"model.dropout={p}"], tmp_path / str(p))) for p in (0.0, 0.5)}
+    runs = {
+        p: fit(compose_cfg([*QUIET, "experiment=dropout", f"model.dropout={p}"], tmp_path / str(p))) for p in (0.0, 0.5)
+    }
     plain, dropout = runs[0.0], runs[0.5]
     assert plain["train/acc"] == 1.0 and plain["train/loss"] < 0.01  # the 200 training digits are memorised
     assert plain["val/acc"] < 0.97  # ... the validation digits are not
@@ -379,15 +423,17 @@ def test_dropout_preset_shows_overfitting(tmp_path):
 @pytest.mark.slow
 def test_digits_keras_presets(tmp_path):
     """Lesson A.4: at the Keras settings (SGD 0.01, 300 epochs) ReLU beats sigmoid."""
-    acc = {p: train(compose_cfg([*QUIET, f"experiment={p}", "optimized_metric=test/acc"], tmp_path / p))
-           for p in ("digits_relu", "digits_sigmoid")}
+    acc = {
+        p: train(compose_cfg([*QUIET, f"experiment={p}", "optimized_metric=test/acc"], tmp_path / p))
+        for p in ("digits_relu", "digits_sigmoid")
+    }
     assert acc["digits_relu"] >= 0.93
     assert acc["digits_sigmoid"] < acc["digits_relu"]
 
 
 def test_ignite_engine_uses_the_configured_loss_and_single_output(tmp_path):
     """engine=ignite trains the xor preset's one-output net with squared error."""
-    from mlplab.training import fit
+    from mlplab.engines import fit
 
     metrics = fit(compose_cfg([*QUIET, "experiment=xor", "engine=ignite"], tmp_path))
     assert metrics["test/acc"] == 1.0 and 0.0 < metrics["test/loss"] < 0.1

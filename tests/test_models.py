@@ -8,10 +8,9 @@ from hydra.utils import instantiate
 from torch import nn
 
 from conftest import QUICK, compose_cfg, linears, write_tiny_mnist
+from mlplab.engines import train
 from mlplab.errors import ConfigError
 from mlplab.models import MLP, Classifier, SigmoidNet, SimpleNet
-from mlplab.training import train
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -62,7 +61,12 @@ def test_sigmoid_net_outputs_in_unit_interval():
 
 @pytest.mark.parametrize(
     ("hidden_sizes", "activation", "act_cls"),
-    [([256, 128], "relu", nn.ReLU), ([64, 32, 16], "tanh", nn.Tanh), ([5], "sigmoid", nn.Sigmoid), ([8, 8], "identity", nn.Identity)],
+    [
+        ([256, 128], "relu", nn.ReLU),
+        ([64, 32, 16], "tanh", nn.Tanh),
+        ([5], "sigmoid", nn.Sigmoid),
+        ([8, 8], "identity", nn.Identity),
+    ],
 )
 def test_mlp_depth_width_activation(hidden_sizes, activation, act_cls):
     net = MLP(64, 10, hidden_sizes=hidden_sizes, activation=activation)
@@ -80,7 +84,15 @@ def test_mlp_from_hydra_config_list():
     assert [lin.out_features for lin in linears(net)] == [12, 6, 10]
 
 
-@pytest.mark.parametrize(("hidden_sizes", "key"), [([], "model.hidden_sizes="), ([0], "model.hidden_sizes[0]=0"), ([-3], "model.hidden_sizes[0]=-3"), ([4, 0], "model.hidden_sizes[1]=0")])
+@pytest.mark.parametrize(
+    ("hidden_sizes", "key"),
+    [
+        ([], "model.hidden_sizes="),
+        ([0], "model.hidden_sizes[0]=0"),
+        ([-3], "model.hidden_sizes[0]=-3"),
+        ([4, 0], "model.hidden_sizes[1]=0"),
+    ],
+)
 def test_mlp_bad_hidden_sizes(hidden_sizes, key):
     with pytest.raises(ConfigError) as info:
         MLP(64, 10, hidden_sizes=hidden_sizes)
@@ -155,7 +167,9 @@ def test_classifier_with_scheduler_and_without_optimizer():
 
 
 def test_digits_relu_mlp_learns(tmp_path):
-    cfg = compose_cfg(QUICK + ["trainer.max_epochs=5", "optimized_metric=train/acc", "logger=none", "test=false"], tmp_path)
+    cfg = compose_cfg(
+        QUICK + ["trainer.max_epochs=5", "optimized_metric=train/acc", "logger=none", "test=false"], tmp_path
+    )
     train_acc = train(cfg)
     assert isinstance(train_acc, float) and train_acc > 0.9
 
@@ -177,7 +191,12 @@ def test_every_model_trains_on_every_dataset(tmp_path, model, data):
     if data != "digits":
         folder = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[data]
         write_tiny_mnist(tmp_path / "datasets", folder=folder)
-        overrides += [f"data.data_dir={tmp_path / 'datasets'}", "data.val_size=10", "data.download=false", "data.batch_size=16"]
+        overrides += [
+            f"data.data_dir={tmp_path / 'datasets'}",
+            "data.val_size=10",
+            "data.download=false",
+            "data.batch_size=16",
+        ]
     out = tmp_path / "run"
     cfg = compose_cfg(overrides, out)
     metric = train(cfg)
@@ -185,7 +204,9 @@ def test_every_model_trains_on_every_dataset(tmp_path, model, data):
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["epoch_000.ckpt", "last.ckpt"]
     # the checkpoint holds the run's config (eval rebuilds data and net from it)
-    stored = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]["config"]
+    stored = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"][
+        "config"
+    ]
     assert stored["model"]["_target_"] == cfg.model._target_ and stored["data"]["_target_"] == cfg.data._target_
     # the CSV logger wrote validation and test metrics under the output dir
     metrics_csv = (out / "csv" / "metrics.csv").read_text()

@@ -7,7 +7,6 @@ test). They run in a temporary dir with ``MLPLAB_ROOT`` there, so their runs lan
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nbformat

@@ -18,8 +18,13 @@ def _torch_twin(net: NumpyMLP, single_output: bool = False) -> MLP:
     """An mlplab MLP (sigmoid hidden and output) in float64 holding the NumPy net's weights."""
     sizes = net.sizes
     twin = MLP(
-        sizes[0], 2 if single_output else sizes[-1], hidden_sizes=sizes[1:-1], activation="sigmoid",
-        output_activation="sigmoid", single_output=single_output, bias=net.biases[0] is not None,
+        sizes[0],
+        2 if single_output else sizes[-1],
+        hidden_sizes=sizes[1:-1],
+        activation="sigmoid",
+        output_activation="sigmoid",
+        single_output=single_output,
+        bias=net.biases[0] is not None,
     ).double()
     linears = [m for m in twin.modules() if isinstance(m, torch.nn.Linear)]
     assert len(linears) == len(net.weights)

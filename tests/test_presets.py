@@ -17,13 +17,14 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import CONF, REPO, compose_cfg, write_tiny_mnist
-from mlplab.training import fit
+from mlplab.engines import fit
 
 QUIET = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false"]
 
 #: conf/<path>.yaml -> "<test file>::<test>" that runs it (a parametrized test runs each case).
 RUN_BY = {
     "train": "test_accuracy.py::test_digits_relu_mlp_reaches_95_percent",
+    "_lesson": "test_lessons.py::test_xor_preset_learns_xor_and_eval_reproduces_it",  # in every lesson preset
     "eval": "test_cli.py::test_eval_reproduces_train_test_accuracy",
     "augment/none": "test_accuracy.py::test_digits_relu_mlp_reaches_95_percent",
     "augment/affine": "test_lessons.py::test_affine_augmentation_changes_training_batches_only",
@@ -153,23 +154,29 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="trainer=gpu/ddp 
 CASES = {
     "augment=hflip": (["data=mnist", "augment=hflip"], True, None),
     "callbacks=diagnostics": (["callbacks=diagnostics"], False, 0.5),
-    "callbacks=early_stopping": (["callbacks=early_stopping", "optimizer.lr=1e-12", "trainer.max_epochs=20"], False, None),
+    "callbacks=early_stopping": (
+        ["callbacks=early_stopping", "optimizer.lr=1e-12", "trainer.max_epochs=20"],
+        False,
+        None,
+    ),
     "logger=many_loggers": (["logger=many_loggers"], False, 0.5),
     "experiment=mnist_tp": (["experiment=mnist_tp"], True, None),
     "experiment=batch_size_sweep": (["experiment=batch_size_sweep", "data.batch_size=16"], True, None),
     "experiment=mnist_fast": (["experiment=mnist_fast"], True, None),
     "experiment=fashion_fast": (["experiment=fashion_fast"], True, None),
     "experiment=lesson_d_fashion": (["experiment=lesson_d_fashion", "data.train_size=40"], True, None),
-    "experiment=lesson_d_models+model=relu_net": (["experiment=lesson_d_models", "model=relu_net", "data.train_size=40"], True, None),
+    "experiment=lesson_d_models+model=relu_net": (
+        ["experiment=lesson_d_models", "model=relu_net", "data.train_size=40"],
+        True,
+        None,
+    ),
     "experiment=vanishing_gradient": (["experiment=vanishing_gradient"], False, None),
     "trainer=gpu": (["trainer=gpu"], False, 0.5),
     "trainer=ddp": (["trainer=ddp"], False, 0.5),
 }
 
 
-@pytest.mark.parametrize(
-    "case", [pytest.param(c, marks=GPU) if c.startswith("trainer=") else c for c in CASES]
-)
+@pytest.mark.parametrize("case", [pytest.param(c, marks=GPU) if c.startswith("trainer=") else c for c in CASES])
 def test_preset_runs(tmp_path, tiny_images, case):
     overrides, images, lowest = CASES[case]
     if not case.startswith("trainer="):
@@ -235,12 +242,12 @@ while args and args[0].startswith("--"):
     args = args[2:] if args[0] in ("--output", "--error") else args[1:]
 os.execvp(args[0], args)
 '''
-FAKE_SACCT = r'''#!/bin/sh
+FAKE_SACCT = r"""#!/bin/sh
 # sacct stand-in: RUNNING until the job's runner leaves its marker
 state=$(cat "$FAKE_SLURM_DIR/finished" 2>/dev/null || echo RUNNING)
 echo "JobID|State|NodeList"
 echo "4242|$state|localhost"
-'''
+"""
 
 
 @pytest.mark.slow  # a sweep through the CLI: about 30 s on 2 cores
@@ -261,17 +268,34 @@ def test_slurm_launcher_preset_runs_its_jobs(tmp_path):
     log_dir = tmp_path / "logs"
     proc = run_cli(
         "train",
-        ["-m", "hydra/launcher=slurm", "hydra.launcher.partition=debugq", *QUIET, "trainer.max_epochs=1",
-         "logger=none", f"paths.log_dir={log_dir}"],
+        [
+            "-m",
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=debugq",
+            *QUIET,
+            "trainer.max_epochs=1",
+            "logger=none",
+            f"paths.log_dir={log_dir}",
+        ],
         cwd=tmp_path,
-        env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_DIR": str(tmp_path),
-             "MLPLAB_ROOT": str(tmp_path), "MLPLAB_DATA_DIR": str(tmp_path / "data")},
+        env={
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            "FAKE_SLURM_DIR": str(tmp_path),
+            "MLPLAB_ROOT": str(tmp_path),
+            "MLPLAB_DATA_DIR": str(tmp_path / "data"),
+        },
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     submitted = (tmp_path / "submitted.sh").read_text()
-    for line in ("--partition=debugq", "--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=4",
-                 "--mem=16GB", "--time=60"):
+    for line in (
+        "--partition=debugq",
+        "--gpus-per-node=1",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=4",
+        "--mem=16GB",
+        "--time=60",
+    ):
         assert f"#SBATCH {line}" in submitted, submitted
     [job] = [p.parent for p in log_dir.glob("multiruns/*/*/*/run.json")]
     record = read_run_record(job)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -21,14 +22,12 @@ from sklearn.datasets import load_digits
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import QUICK, REPO, assert_same_nested, compose_cfg, load_ckpt, run_cli
-import re
-
 from mlplab import runs
 from mlplab.cli import EXIT_USER_ERROR, CheckOutputDir, expand_resume, run_job
 from mlplab.data import BatchSliceSampler, DigitsDataModule, split_indices
+from mlplab.engines import fit, train
 from mlplab.errors import CheckpointError, ConfigError, DivergenceError, RunInterrupted
 from mlplab.models import Classifier
-from mlplab.training import fit, train
 
 EPOCHS = 2
 # Dropout makes the result depend on the global RNG state as well as on the data order.
@@ -147,7 +146,7 @@ def test_interrupted_message_survives_an_unreadable_last_ckpt(tmp_path: Path) ->
     """The one-line interruption message reads last.ckpt's epoch; a damaged file is named, not a traceback."""
     from types import SimpleNamespace
 
-    from mlplab.training import _interrupted
+    from mlplab.engines.lightning import _interrupted
 
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
@@ -155,7 +154,9 @@ def test_interrupted_message_survives_an_unreadable_last_ckpt(tmp_path: Path) ->
     trainer = SimpleNamespace(current_epoch=3)
     torch.save({"epoch": 2, "state_dict": {}}, ckpts / "last.ckpt")
     err = _interrupted(cfg, trainer, "SIGTERM")
-    assert str(err).startswith("stopped by SIGTERM in epoch 3: ") and "holds epoch 2, the last completed one" in str(err)
+    assert str(err).startswith("stopped by SIGTERM in epoch 3: ") and "holds epoch 2, the last completed one" in str(
+        err
+    )
     (ckpts / "last.ckpt").write_bytes(b"half a checkpoint")
     err = _interrupted(cfg, trainer, "SIGINT")
     assert err.signal_name == "SIGINT"
@@ -186,11 +187,18 @@ def test_cli_kill_9_between_epochs_then_cli_resume_is_bit_identical(tmp_path: Pa
 def test_resume_argv_is_the_runs_overrides_in_its_dir(tmp_path: Path, capsys) -> None:
     run_dir = tmp_path / "run"
     (run_dir / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create(["data=mnist", "ckpt_path=/x.ckpt", "optimizer.lr=0.1"]), run_dir / ".hydra" / "overrides.yaml")
+    OmegaConf.save(
+        OmegaConf.create(["data=mnist", "ckpt_path=/x.ckpt", "optimizer.lr=0.1"]), run_dir / ".hydra" / "overrides.yaml"
+    )
     argv = expand_resume(["train.py", f"resume={run_dir}", "trainer.max_epochs=20"])
     assert argv == [
-        "train.py", "data=mnist", "optimizer.lr=0.1", "trainer.max_epochs=20",
-        f"resume={run_dir}", f"hydra.run.dir={run_dir}", "hydra.output_subdir=null",
+        "train.py",
+        "data=mnist",
+        "optimizer.lr=0.1",
+        "trainer.max_epochs=20",
+        f"resume={run_dir}",
+        f"hydra.run.dir={run_dir}",
+        "hydra.output_subdir=null",
     ]
     assert expand_resume(["train.py", "seed=1"]) == ["train.py", "seed=1"]
 
@@ -253,7 +261,9 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: P
     with pytest.raises(DivergenceError) as info:
         train(compose_cfg(args, out))
     msg = str(info.value)
-    assert f"non-finite loss at step {steps_per_epoch + bad_batch} (epoch 1, lr 0.0375 " in msg, msg  # cosine over 3 epochs
+    assert f"non-finite loss at step {steps_per_epoch + bad_batch} (epoch 1, lr 0.0375 " in msg, (
+        msg
+    )  # cosine over 3 epochs
     assert "\n" not in msg
     last = load_ckpt(out / "checkpoints" / "last.ckpt")
     assert last["epoch"] == 0
@@ -287,7 +297,9 @@ def test_a_dir_holding_an_earlier_run_is_refused_before_hydra_writes(tmp_path: P
     (earlier / ".hydra" / "config.yaml").write_text("seed: 1\n")
     check = CheckOutputDir()
     for key, hook in (("hydra.run.dir", check.on_run_start), ("hydra.sweep.dir", check.on_multirun_start)):
-        cfg = OmegaConf.create({"hydra": {"run": {"dir": str(earlier)}, "sweep": {"dir": str(earlier)}, "output_subdir": ".hydra"}})
+        cfg = OmegaConf.create(
+            {"hydra": {"run": {"dir": str(earlier)}, "sweep": {"dir": str(earlier)}, "output_subdir": ".hydra"}}
+        )
         with pytest.raises(SystemExit) as info:
             hook(cfg)
         assert info.value.code == EXIT_USER_ERROR

@@ -18,8 +18,12 @@ from mlplab import rundir, runs
 from mlplab.cli import EXIT_USER_ERROR, run_job
 from mlplab.errors import ConfigError, StorageError
 
-CLI_QUICK = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false",
-             "trainer.max_epochs=1"]
+CLI_QUICK = [
+    "trainer=cpu",
+    "callbacks.progress_bar.refresh_rate=0",
+    "trainer.enable_model_summary=false",
+    "trainer.max_epochs=1",
+]
 
 
 def _job_dir(tmp_path: Path) -> tuple[Path, Path]:
@@ -35,8 +39,14 @@ def _job_dir(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _cfg(log_dir: Path, out: Path, **extra) -> OmegaConf:
-    return OmegaConf.create({"paths": {"log_dir": str(log_dir), "output_dir": str(out)}, "task_name": "train",
-                             "optimized_metric": "val/acc_best", **extra})
+    return OmegaConf.create(
+        {
+            "paths": {"log_dir": str(log_dir), "output_dir": str(out)},
+            "task_name": "train",
+            "optimized_metric": "val/acc_best",
+            **extra,
+        }
+    )
 
 
 def test_success_writes_the_record_and_returns_the_optimized_metric(tmp_path):
@@ -94,8 +104,12 @@ def test_a_bug_is_recorded_and_keeps_its_traceback(tmp_path):
 
 def test_cli_bad_value_leaves_no_run_dir(tmp_path):
     log_dir = tmp_path / "logs"
-    proc = run_cli("train", [*CLI_QUICK, "optimizer.lr=-1", f"paths.log_dir={log_dir}"], cwd=tmp_path,
-                   env={"MLPLAB_ROOT": str(tmp_path), "MLPLAB_DATA_DIR": str(tmp_path / "data")})
+    proc = run_cli(
+        "train",
+        [*CLI_QUICK, "optimizer.lr=-1", f"paths.log_dir={log_dir}"],
+        cwd=tmp_path,
+        env={"MLPLAB_ROOT": str(tmp_path), "MLPLAB_DATA_DIR": str(tmp_path / "data")},
+    )
     assert proc.returncode == EXIT_USER_ERROR
     assert proc.stderr.strip().splitlines()[-1] == "error: optimizer.lr=-1 is invalid; allowed: a finite number > 0"
     assert "Traceback" not in proc.stderr
@@ -104,8 +118,12 @@ def test_cli_bad_value_leaves_no_run_dir(tmp_path):
 
 def test_cli_multirun_records_a_failing_job_and_goes_on(tmp_path):
     log_dir = tmp_path / "logs"
-    proc = run_cli("train", ["-m", "optimizer.lr=-1,0.05", *CLI_QUICK, f"paths.log_dir={log_dir}"], cwd=tmp_path,
-                   env={"MLPLAB_ROOT": str(tmp_path), "MLPLAB_DATA_DIR": str(tmp_path / "data")})
+    proc = run_cli(
+        "train",
+        ["-m", "optimizer.lr=-1,0.05", *CLI_QUICK, f"paths.log_dir={log_dir}"],
+        cwd=tmp_path,
+        env={"MLPLAB_ROOT": str(tmp_path), "MLPLAB_DATA_DIR": str(tmp_path / "data")},
+    )
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error: optimizer.lr=-1 is invalid" in proc.stderr
     records = {r["overrides"][0]: r for r in map(runs.read_run_record, log_dir.glob("multiruns/*/*/*")) if r}

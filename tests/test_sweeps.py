@@ -23,8 +23,12 @@ from conftest import CONF, run_cli
 from mlplab import runs
 from mlplab.sweeps import EXIT_JOBS_FAILED, NO_RECORD, SweepSummary, collect, job_dirname, main, write_summary
 
-CLI_QUICK = ["trainer=cpu", "trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0",
-             "trainer.enable_model_summary=false"]
+CLI_QUICK = [
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "callbacks.progress_bar.refresh_rate=0",
+    "trainer.enable_model_summary=false",
+]
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -32,7 +36,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def _check(proc: subprocess.CompletedProcess, code: int = 0) -> None:
-    assert proc.returncode == code, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == code, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
 
 
 def _only_sweep_dir(log_dir: Path) -> Path:
@@ -53,7 +59,8 @@ def test_job_dirname_is_readable_unique_and_filesystem_safe() -> None:
     assert job_dirname(7, "") == "7"
     # Optuna's long floats are cut to 4 significant digits; a path or spaces cannot make subdirs.
     assert job_dirname(2, "model.hidden_sizes=[256,128],optimizer.lr=0.01683454924600351") == (
-        "2_model.hidden_sizes=[256,128],optimizer.lr=0.01683")
+        "2_model.hidden_sizes=[256,128],optimizer.lr=0.01683"
+    )
     name = job_dirname(3, "data.root=/tmp/x y:z,tag='a b'")
     assert name == "3_data.root=_tmp_x_y_z,tag=_a_b"
     assert "/" not in job_dirname(4, "a=" + "/x" * 300) and len(job_dirname(4, "a=" + "x" * 300)) == 2 + 200
@@ -73,14 +80,38 @@ def _job(sweep: Path, name: str, overrides: list[str], record: dict | None) -> P
 def sweep_dir(tmp_path: Path) -> Path:
     """A sweep of 4 jobs as launchers leave it: 2 ok, 1 failed, 1 killed (no run.json)."""
     sweep = tmp_path / "multiruns" / "2026-01-01" / "00-00-00_abcdef"
-    _job(sweep, "0_lr=0.1", ["trainer=cpu", "lr=0.1"], {"status": "ok", "error": None, "epochs": 3, "wall_s": 4.25,
-                                                      "metrics": {"val/acc_best": 0.91, "test/acc": 0.9, "test/loss": 0.3}})
-    _job(sweep, "1_lr=-1", ["trainer=cpu", "lr=-1"], {"status": "failed", "error": "lr=-1 is invalid; allowed: > 0",
-                                                     "epochs": None, "wall_s": 0.01, "metrics": {}})
+    _job(
+        sweep,
+        "0_lr=0.1",
+        ["trainer=cpu", "lr=0.1"],
+        {
+            "status": "ok",
+            "error": None,
+            "epochs": 3,
+            "wall_s": 4.25,
+            "metrics": {"val/acc_best": 0.91, "test/acc": 0.9, "test/loss": 0.3},
+        },
+    )
+    _job(
+        sweep,
+        "1_lr=-1",
+        ["trainer=cpu", "lr=-1"],
+        {"status": "failed", "error": "lr=-1 is invalid; allowed: > 0", "epochs": None, "wall_s": 0.01, "metrics": {}},
+    )
     _job(sweep, "2_lr=0.5", ["trainer=cpu", "lr=0.5"], None)
     # Job 10 sorts after job 2 (numeric order, not by name).
-    _job(sweep, "10_lr=0.2", ["trainer=cpu", "lr=0.2"], {"status": "ok", "error": None, "epochs": 3, "wall_s": 5.0,
-                                                       "metrics": {"val/acc_best": 0.95, "test/acc": 0.93, "test/loss": 0.2}})
+    _job(
+        sweep,
+        "10_lr=0.2",
+        ["trainer=cpu", "lr=0.2"],
+        {
+            "status": "ok",
+            "error": None,
+            "epochs": 3,
+            "wall_s": 5.0,
+            "metrics": {"val/acc_best": 0.95, "test/acc": 0.93, "test/loss": 0.2},
+        },
+    )
     (sweep / ".submitit" / "123").mkdir(parents=True)  # launcher files are not jobs
     (sweep / "multirun.yaml").write_text("{}\n")
     return sweep
@@ -89,13 +120,32 @@ def sweep_dir(tmp_path: Path) -> Path:
 def test_summary_has_one_row_per_job_and_names_the_best(sweep_dir: Path) -> None:
     summary = write_summary(sweep_dir, metric="val/acc_best")
     assert [r.job for r in summary.rows] == ["0_lr=0.1", "1_lr=-1", "2_lr=0.5", "10_lr=0.2"]
-    assert summary.common == ["trainer=cpu"] and [r.label for r in summary.rows] == ["lr=0.1", "lr=-1", "lr=0.5", "lr=0.2"]
+    assert summary.common == ["trainer=cpu"] and [r.label for r in summary.rows] == [
+        "lr=0.1",
+        "lr=-1",
+        "lr=0.5",
+        "lr=0.2",
+    ]
     assert summary.best().job == "10_lr=0.2" and [r.job for r in summary.failed] == ["1_lr=-1", "2_lr=0.5"]
 
     rows = _csv_rows(sweep_dir)
     assert [(r["job"], r["status"]) for r in rows] == [
-        ("0_lr=0.1", "ok"), ("1_lr=-1", "failed"), ("2_lr=0.5", "unknown"), ("10_lr=0.2", "ok")]
-    assert list(rows[0]) == ["job", "status", "error", "val/acc_best", "test/acc", "epochs", "wall_s", "overrides", "output_dir"]
+        ("0_lr=0.1", "ok"),
+        ("1_lr=-1", "failed"),
+        ("2_lr=0.5", "unknown"),
+        ("10_lr=0.2", "ok"),
+    ]
+    assert list(rows[0]) == [
+        "job",
+        "status",
+        "error",
+        "val/acc_best",
+        "test/acc",
+        "epochs",
+        "wall_s",
+        "overrides",
+        "output_dir",
+    ]
     assert rows[0]["val/acc_best"] == "0.910000" and rows[0]["test/acc"] == "0.900000" and rows[0]["epochs"] == "3"
     assert rows[0]["wall_s"] == "4.250" and rows[0]["overrides"] == "trainer=cpu lr=0.1"
     assert rows[0]["output_dir"] == str(sweep_dir / "0_lr=0.1")
@@ -141,10 +191,19 @@ def test_callback_prints_the_table_and_exits_1_if_a_job_failed(sweep_dir: Path, 
 def test_launcher_and_search_configs_compose(tmp_path: Path) -> None:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        slurm = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                                            "hydra.launcher.gpus_per_node=4", "hydra.launcher.timeout_min=30"],
-                        return_hydra_config=True)
-        joblib = compose("train", overrides=["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"], return_hydra_config=True)
+        slurm = compose(
+            "train",
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.gpus_per_node=4",
+                "hydra.launcher.timeout_min=30",
+            ],
+            return_hydra_config=True,
+        )
+        joblib = compose(
+            "train", overrides=["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"], return_hydra_config=True
+        )
         optuna = compose("train", overrides=["hparams_search=digits_optuna"], return_hydra_config=True)
         other = compose("train", overrides=["hydra.callbacks.sweep_summary.metric=test/loss"], return_hydra_config=True)
     launcher = slurm.hydra.launcher
@@ -167,8 +226,19 @@ def test_launcher_and_search_configs_compose(tmp_path: Path) -> None:
 # -- CLI: real sweeps -------------------------------------------------------------------------
 def test_joblib_sweep_runs_jobs_in_parallel_into_one_sweep_dir_and_survives_a_failure(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
-    proc = run_cli("train", ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=0.05,-1",
-                             *CLI_QUICK, f"paths.log_dir={log_dir}"], cwd=tmp_path, env=_env(tmp_path))
+    proc = run_cli(
+        "train",
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "optimizer.lr=0.05,-1",
+            *CLI_QUICK,
+            f"paths.log_dir={log_dir}",
+        ],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+    )
     # A failed job: the sweep goes on, is summarised, and exits 1.
     _check(proc, EXIT_JOBS_FAILED)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -199,8 +269,12 @@ def test_joblib_sweep_runs_jobs_in_parallel_into_one_sweep_dir_and_survives_a_fa
 @pytest.mark.slow  # a CLI sweep (~20-40 s): slow keeps the default suite near 10 min; CI runs it
 def test_fail_fast_stops_the_sweep_at_the_first_failure(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
-    proc = run_cli("train", ["-m", "fail_fast=true", "optimizer.lr=-1,0.05", *CLI_QUICK, f"paths.log_dir={log_dir}"],
-                   cwd=tmp_path, env=_env(tmp_path))
+    proc = run_cli(
+        "train",
+        ["-m", "fail_fast=true", "optimizer.lr=-1,0.05", *CLI_QUICK, f"paths.log_dir={log_dir}"],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+    )
     _check(proc, 2)
     assert proc.stderr.strip().splitlines()[-1] == "error: optimizer.lr=-1 is invalid; allowed: a finite number > 0"
     sweep = _only_sweep_dir(log_dir)
@@ -217,8 +291,12 @@ def test_fail_fast_stops_the_sweep_at_the_first_failure(tmp_path: Path) -> None:
 @pytest.mark.slow  # a CLI sweep (~20-40 s): slow keeps the default suite near 10 min; CI runs it
 def test_optuna_search_on_digits(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
-    proc = run_cli("train", ["hparams_search=digits_optuna", "hydra.sweeper.n_trials=3", *CLI_QUICK,
-                             f"paths.log_dir={log_dir}"], cwd=tmp_path, env=_env(tmp_path))
+    proc = run_cli(
+        "train",
+        ["hparams_search=digits_optuna", "hydra.sweeper.n_trials=3", *CLI_QUICK, f"paths.log_dir={log_dir}"],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+    )
     _check(proc)  # hydra.mode=MULTIRUN in the preset: no -m needed
     sweep = _only_sweep_dir(log_dir)
     rows = _csv_rows(sweep)
@@ -246,8 +324,12 @@ def test_optuna_search_on_digits(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_submitit_local_executor_runs_the_sweep(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
-    proc = run_cli("train", ["-m", "hydra/launcher=submitit_local", "model=simple_net,relu_mlp", *CLI_QUICK,
-                             f"paths.log_dir={log_dir}"], cwd=tmp_path, env=_env(tmp_path))
+    proc = run_cli(
+        "train",
+        ["-m", "hydra/launcher=submitit_local", "model=simple_net,relu_mlp", *CLI_QUICK, f"paths.log_dir={log_dir}"],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+    )
     _check(proc)
     sweep = _only_sweep_dir(log_dir)
     rows = _csv_rows(sweep)
@@ -255,4 +337,6 @@ def test_submitit_local_executor_runs_the_sweep(tmp_path: Path) -> None:
     assert ["model=simple_net" in rows[0]["job"], "model=relu_mlp" in rows[1]["job"]] == [True, True]
     assert list((sweep / ".submitit").iterdir()), "submitit's own job folders"
     for row in rows:
-        assert math.isfinite(float(row["val/acc_best"])) and (sweep / row["job"] / "checkpoints" / "last.ckpt").is_file()
+        assert (
+            math.isfinite(float(row["val/acc_best"])) and (sweep / row["job"] / "checkpoints" / "last.ckpt").is_file()
+        )

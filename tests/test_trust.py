@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlplab.errors import CheckpointError, ConfigError
-from mlplab.training import evaluate, fit
-from mlplab.trust import allowed_targets, check_stored_overrides
-
 from conftest import QUICK, compose_cfg, run_cli
+from mlplab.engines import evaluate, fit
+from mlplab.errors import CheckpointError, ConfigError
+from mlplab.trust import allowed_targets, check_stored_overrides
 
 
 class _Touch:
@@ -63,18 +62,23 @@ def _config(ckpt: dict) -> dict:
 HOSTILE = {
     # torch.load of a pickle with weights_only=False: the pickle runs
     "torch.load chain": lambda c, s: _config(c).__setitem__(
-        "data", {"_target_": "torch.load", "_args_": [str(s.with_suffix(".pkl"))], "weights_only": False}),
+        "data", {"_target_": "torch.load", "_args_": [str(s.with_suffix(".pkl"))], "weights_only": False}
+    ),
     # builtins.open(path, "w") truncates a user's file
-    "builtins.open": lambda c, s: _config(c).__setitem__("data", {"_target_": "builtins.open", "_args_": [str(s), "w"]}),
+    "builtins.open": lambda c, s: _config(c).__setitem__(
+        "data", {"_target_": "builtins.open", "_args_": [str(s), "w"]}
+    ),
     "os.system": lambda c, s: _config(c).__setitem__("model", {"_target_": "os.system", "command": f"echo > {s}"}),
     # an allowed class with a hostile object nested in it
     "nested target": lambda c, s: _config(c)["data"].__setitem__(
-        "augment", {"_target_": "builtins.open", "file": str(s), "mode": "w"}),
+        "augment", {"_target_": "builtins.open", "file": str(s), "mode": "w"}
+    ),
     # an allowed class called with positional arguments it never gets from mlplab's configs
     "_args_ on an allowed class": lambda c, s: _config(c)["model"].__setitem__("_args_", [str(s)]),
     "_partial_ on data": lambda c, s: _config(c)["data"].__setitem__("_partial_", True),
     "mlplab function that writes": lambda c, s: _config(c).__setitem__(
-        "loss", {"_target_": "mlplab.atomic.atomic_write_text", "target": str(s), "text": "owned"}),
+        "loss", {"_target_": "mlplab.atomic.atomic_write_text", "target": str(s), "text": "owned"}
+    ),
 }
 
 
@@ -95,14 +99,22 @@ def test_a_tampered_checkpoint_config_is_refused_before_anything_runs(trained, t
 
 def test_the_allowlist_is_the_shipped_config_groups_classes():
     allowed = allowed_targets()
-    assert {"mlplab.data.DigitsDataModule", "mlplab.models.MLP", "mlplab.models.CrossEntropy", "torch.optim.SGD",
-            "torch.optim.lr_scheduler.CosineAnnealingLR", "kornia.augmentation.RandomAffine"} <= allowed
+    assert {
+        "mlplab.data.DigitsDataModule",
+        "mlplab.models.MLP",
+        "mlplab.models.CrossEntropy",
+        "torch.optim.SGD",
+        "torch.optim.lr_scheduler.CosineAnnealingLR",
+        "kornia.augmentation.RandomAffine",
+    } <= allowed
     assert not {"torch.load", "builtins.open", "os.system", "lightning.pytorch.Trainer"} & allowed
 
 
 def test_a_checkpoint_whose_config_does_not_fit_its_weights_is_one_line(trained, tmp_path):
     ckpt = _tampered(trained, tmp_path, lambda c: _config(c)["model"].__setitem__("hidden_sizes", [7]))
-    with pytest.raises(CheckpointError, match=r"does not fit this model and data: net\..* is \[\d+, \d+\] there, \[7, 64\] here"):
+    with pytest.raises(
+        CheckpointError, match=r"does not fit this model and data: net\..* is \[\d+, \d+\] there, \[7, 64\] here"
+    ):
         evaluate(_eval_cfg(ckpt, tmp_path))
 
 
@@ -135,26 +147,38 @@ def test_eval_cli_refuses_a_hostile_checkpoint_with_one_line_and_leaves_nothing(
     assert not logs.exists() or not any(logs.rglob("*")), sorted(logs.rglob("*"))
 
 
-@pytest.mark.parametrize("override", [
-    "hydra.callbacks.x._target_=os.system",
-    "+model._args_=[1]",
-    "model={_target_:builtins.open,file:/tmp/x,mode:w}",
-    "callbacks.model_checkpoint.dirpath=/etc",
-    "+callbacks.timer.out_file=/tmp/owned",
-    "hydra/launcher=joblib",
-    "seed=1,2",
-    "model=../../../../tmp/shared-run/evil",
-    "model=/tmp/shared-run/evil",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "hydra.callbacks.x._target_=os.system",
+        "+model._args_=[1]",
+        "model={_target_:builtins.open,file:/tmp/x,mode:w}",
+        "callbacks.model_checkpoint.dirpath=/etc",
+        "+callbacks.timer.out_file=/tmp/owned",
+        "hydra/launcher=joblib",
+        "seed=1,2",
+        "model=../../../../tmp/shared-run/evil",
+        "model=/tmp/shared-run/evil",
+    ],
+)
 def test_stored_overrides_that_build_or_write_elsewhere_are_refused(override):
     with pytest.raises(ConfigError, match=r"overrides.yaml holds the override .* which resume= does not apply"):
         check_stored_overrides(["model=simple_net", override], "run/.hydra/overrides.yaml")
 
 
 def test_plain_stored_overrides_pass():
-    check_stored_overrides(["model=simple_net", "optimizer.lr=0.1", "trainer.max_epochs=3", "model.hidden_sizes=[8,4]",
-                            "paths.log_dir=/tmp/logs", "data.data_dir=/data", "+trainer.limit_train_batches=2"],
-                           "run/.hydra/overrides.yaml")
+    check_stored_overrides(
+        [
+            "model=simple_net",
+            "optimizer.lr=0.1",
+            "trainer.max_epochs=3",
+            "model.hidden_sizes=[8,4]",
+            "paths.log_dir=/tmp/logs",
+            "data.data_dir=/data",
+            "+trainer.limit_train_batches=2",
+        ],
+        "run/.hydra/overrides.yaml",
+    )
 
 
 def test_checkpoint_paths_stored_in_a_checkpoint_stay_inside_the_runs_checkpoints(tmp_path):
@@ -163,12 +187,18 @@ def test_checkpoint_paths_stored_in_a_checkpoint_stay_inside_the_runs_checkpoint
 
     victim = tmp_path / "victim.ckpt"
     callback = ModelCheckpoint(dirpath=tmp_path / "run" / "checkpoints", save_top_k=1, monitor="val/acc", mode="max")
-    callback.load_state_dict({
-        "dirpath": str(tmp_path / "moved-from"), "monitor": "val/acc", "best_model_score": torch.tensor(0.5),
-        "best_model_path": str(tmp_path / "moved-from" / "epoch_003.ckpt"), "kth_best_model_path": str(victim),
-        "kth_value": torch.tensor(0.5), "last_model_path": "/etc/passwd",
-        "best_k_models": {str(victim): torch.tensor(0.5), "..": torch.tensor(0.4)},
-    })
+    callback.load_state_dict(
+        {
+            "dirpath": str(tmp_path / "moved-from"),
+            "monitor": "val/acc",
+            "best_model_score": torch.tensor(0.5),
+            "best_model_path": str(tmp_path / "moved-from" / "epoch_003.ckpt"),
+            "kth_best_model_path": str(victim),
+            "kth_value": torch.tensor(0.5),
+            "last_model_path": "/etc/passwd",
+            "best_k_models": {str(victim): torch.tensor(0.5), "..": torch.tensor(0.4)},
+        }
+    )
     inside = tmp_path / "run" / "checkpoints"
     assert callback.best_model_path == str(inside / "epoch_003.ckpt")  # a moved run dir resumes where it is
     assert callback.kth_best_model_path == str(inside / "victim.ckpt")
@@ -177,12 +207,17 @@ def test_checkpoint_paths_stored_in_a_checkpoint_stay_inside_the_runs_checkpoint
 
 
 MALFORMED = {
-    "random bytes": (None, r"cannot be loaded as a checkpoint \(not a PyTorch checkpoint of tensors and plain values; "
-                           r"pickled objects are never loaded\)"),
+    "random bytes": (
+        None,
+        r"cannot be loaded as a checkpoint \(not a PyTorch checkpoint of tensors and plain values; "
+        r"pickled objects are never loaded\)",
+    ),
     "hyper_parameters is text": (lambda c: c.__setitem__("hyper_parameters", "x"), "is not an mlplab checkpoint"),
     "config is a list": (lambda c: c["hyper_parameters"].__setitem__("config", [1, 2]), "is not an mlplab checkpoint"),
-    "a weight is text": (lambda c: c["state_dict"].__setitem__(next(k for k in c["state_dict"] if k.startswith("net.")), "w"),
-                         r"does not fit this model and data: net\.\S+ is not a tensor there"),
+    "a weight is text": (
+        lambda c: c["state_dict"].__setitem__(next(k for k in c["state_dict"] if k.startswith("net.")), "w"),
+        r"does not fit this model and data: net\.\S+ is not a tensor there",
+    ),
 }
 
 

@@ -111,7 +111,7 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes | bytearray | memo
         try:
             view = memoryview(data).cast("B")
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
         finally:
             os.close(fd)
 

@@ -19,9 +19,9 @@ import os
 import secrets
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from hydra.experimental.callback import Callback
@@ -175,21 +175,26 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, float]]) -> 
             return  # a refused resume (or one stopped before training) leaves the dir's record as it was
         epochs = metrics.pop("epochs", None)
         if previous is not None and isinstance(previous.get("metrics"), dict):  # a resumed run's earlier part
-            kept = {k: v for k, v in previous["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            kept = {
+                k: v for k, v in previous["metrics"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             metrics = {**kept, **metrics}
         try:
-            runs.write_run_record(out, {
-                "status": status,
-                "error": error,
-                "metrics": metrics,
-                "epochs": None if epochs is None else int(epochs),
-                "wall_s": round(time.perf_counter() - t0, 3),
-                "overrides": overrides,
-                "output_dir": str(out),
-                "task_name": cfg.get("task_name"),
-                "started": started.isoformat(timespec="seconds"),
-                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            })
+            runs.write_run_record(
+                out,
+                {
+                    "status": status,
+                    "error": error,
+                    "metrics": metrics,
+                    "epochs": None if epochs is None else int(epochs),
+                    "wall_s": round(time.perf_counter() - t0, 3),
+                    "overrides": overrides,
+                    "output_dir": str(out),
+                    "task_name": cfg.get("task_name"),
+                    "started": started.isoformat(timespec="seconds"),
+                    "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                },
+            )
         except MlplabError as err:  # a full disk: say so, the exit code still tells the outcome
             print(f"error: {_one_line(err)}", file=sys.stderr, flush=True)
 
@@ -207,7 +212,9 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, float]]) -> 
     sweep_dir = _sweep_dir() if multirun else None
     signals.JOB.install()
     if sweep_dir is not None:
-        signals.JOB.between_jobs = signals.stop_sweep_between_jobs(sweep_dir, cfg.get("optimized_metric") or "val/acc_best")
+        signals.JOB.between_jobs = signals.stop_sweep_between_jobs(
+            sweep_dir, cfg.get("optimized_metric") or "val/acc_best"
+        )
     signals.JOB.start_job()
     try:
         # One process per run dir; the job's DDP ranks end with it.
@@ -219,7 +226,12 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, float]]) -> 
     except (RunInterrupted, KeyboardInterrupt) as err:  # SIGINT/SIGTERM: last.ckpt is good; a sweep stops
         name = getattr(err, "signal_name", "SIGINT")
         message = _one_line(err) if isinstance(err, RunInterrupted) else "stopped by SIGINT"
-        if "resume with:" not in message and out is not None and cfg.get("task_name") == "train" and runs.training_started():
+        if (
+            "resume with:" not in message
+            and out is not None
+            and cfg.get("task_name") == "train"
+            and runs.training_started()
+        ):
             message += f"; resume with: {rundir.resume_command(out, overrides)}"
         print(f"interrupted: {message}", file=sys.stderr, flush=True)
         record("interrupted", message, dict(getattr(err, "metrics", {})))
@@ -286,10 +298,17 @@ def _summarise_stopped_sweep(sweep_dir: Path, cfg: DictConfig) -> None:
 
     try:
         write_summary(sweep_dir, cfg.get("optimized_metric") or "val/acc_best")
-        print(f"interrupted: the sweep stopped; the summary of its jobs so far is in {sweep_dir / 'summary.md'}",
-              file=sys.stderr, flush=True)
+        print(
+            f"interrupted: the sweep stopped; the summary of its jobs so far is in {sweep_dir / 'summary.md'}",
+            file=sys.stderr,
+            flush=True,
+        )
     except Exception as err:  # the exit must not turn into a traceback
-        print(f"interrupted: the sweep stopped; its summary could not be written ({_one_line(err)})", file=sys.stderr, flush=True)
+        print(
+            f"interrupted: the sweep stopped; its summary could not be written ({_one_line(err)})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def expand_resume(argv: list[str]) -> list[str]:

@@ -18,6 +18,7 @@ from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab.errors import CheckpointError, ConfigError
+from mlplab.groups import choices
 from mlplab.validation import int_in, non_negative_number, positive_int, positive_number
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 def validate_optimizer(cfg: DictConfig) -> None:
     opt = cfg.get("optimizer")
     if opt is None:
-        raise ConfigError("optimizer is missing; allowed: optimizer=sgd|adam")
+        raise ConfigError(f"optimizer is missing; allowed: {choices('optimizer')}")
     positive_number("optimizer.lr", opt.get("lr"))
     if "momentum" in opt:
         non_negative_number("optimizer.momentum", opt.momentum, below=1.0)
@@ -37,14 +38,14 @@ def validate_optimizer(cfg: DictConfig) -> None:
             f"optimizer.nesterov=true needs optimizer.momentum > 0 (got {opt.get('momentum')}); "
             "allowed: set a momentum or nesterov=false"
         )
-    # Its keys are checked against its signature by mlplab.build.check_targets, its other
-    # values by a trial build on the net's parameters (mlplab.build.build_optimizer).
+    # Its keys are checked against its signature by mlplab.engines.build.check_targets, its other
+    # values by a trial build on the net's parameters (mlplab.engines.build.build_optimizer).
 
 
 def validate_trainer(cfg: DictConfig) -> None:
     trainer = cfg.get("trainer")
     if trainer is None:
-        raise ConfigError("trainer is missing; allowed: trainer=default|cpu|gpu|ddp|ddp_cpu")
+        raise ConfigError(f"trainer is missing; allowed: {choices('trainer')}")
     positive_int("trainer.max_epochs", trainer.get("max_epochs"))
     if trainer.get("min_epochs") is not None:
         int_in("trainer.min_epochs", trainer.min_epochs, low=0)
@@ -129,10 +130,14 @@ def _valid_devices(devices: Any) -> bool:
 def validate_ckpt_path(key: str, path: Any) -> Path:
     """An existing, readable file; returns it as a Path."""
     if path is None or str(path).strip() == "":
-        raise CheckpointError(f"{key} is not set; allowed: the path of a .ckpt file, e.g. {key}=logs/runs/.../checkpoints/last.ckpt")
+        raise CheckpointError(
+            f"{key} is not set; allowed: the path of a .ckpt file, e.g. {key}=logs/runs/.../checkpoints/last.ckpt"
+        )
     p = Path(str(path)).expanduser()
     if not p.is_file():
-        raise CheckpointError(f"{key}={path} does not exist or is not a file; allowed: the path of a readable .ckpt file")
+        raise CheckpointError(
+            f"{key}={path} does not exist or is not a file; allowed: the path of a readable .ckpt file"
+        )
     try:
         with p.open("rb"):
             pass
@@ -144,14 +149,14 @@ def validate_ckpt_path(key: str, path: Any) -> Path:
 def validate_train_config(cfg: DictConfig) -> None:
     """Everything train() can check before building data, net or Trainer.
 
-    Includes :func:`mlplab.build.check_targets` (unknown keys, keys a ``_target_`` does
+    Includes :func:`mlplab.engines.build.check_targets` (unknown keys, keys a ``_target_`` does
     not take).
     """
-    from mlplab.build import check_targets
+    from mlplab.engines.build import check_targets
 
     int_in("seed", cfg.get("seed"), low=min_seed_value, high=max_seed_value)  # seed_everything's range
     if cfg.get("data") is None or cfg.get("model") is None:
-        raise ConfigError("data and model must be chosen; allowed: data=digits|mnist|fashion_mnist|xor|moons, model=simple_net|sigmoid_net|relu_mlp|numpy_mlp")
+        raise ConfigError(f"data and model must be chosen; allowed: {choices('data')}, {choices('model')}")
     check_targets(cfg)
     validate_optimizer(cfg)
     validate_trainer(cfg)
@@ -164,7 +169,13 @@ def validate_train_config(cfg: DictConfig) -> None:
     if metric is not None and metric not in allowed:
         raise ConfigError(f"optimized_metric={metric!r} is invalid; allowed: {', '.join(allowed)} or null")
     out = OmegaConf.select(cfg, "paths.output_dir", default=None)
-    if out is not None and cfg.get("ckpt_path") is None and cfg.get("resume") is None and (Path(out) / "checkpoints").is_dir() and any((Path(out) / "checkpoints").iterdir()):
+    if (
+        out is not None
+        and cfg.get("ckpt_path") is None
+        and cfg.get("resume") is None
+        and (Path(out) / "checkpoints").is_dir()
+        and any((Path(out) / "checkpoints").iterdir())
+    ):
         raise ConfigError(
             f"paths.output_dir={out} already holds checkpoints of an earlier run; allowed: a new output dir "
             "(leave hydra.run.dir at its default, which is unique per run)"

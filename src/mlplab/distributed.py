@@ -35,17 +35,18 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
-from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.fabric.plugins.environments import (
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
 
 from mlplab.errors import ConfigError
+from mlplab.lightning_ext.ddp import ChildLauncher, ChildLaunchingDDPStrategy
 
 log = logging.getLogger(__name__)
 
@@ -102,43 +103,38 @@ def rank_job_name(job_name: str, global_rank: int) -> str:
     return f"{job_name}_rank{global_rank}"
 
 
-class HydraJobLauncher(_SubprocessScriptLauncher):
-    """Lightning's subprocess launcher, but a child rank runs this Hydra *job*, not ``sys.argv``."""
-
-    def launch(self, function: Callable, *args: Any, trainer: Any = None, **kwargs: Any) -> Any:
-        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
-            _ChildObserver(_job, os.getpid()).start()
-        _set_num_threads_if_needed(num_processes=self.num_processes)
-        return function(*args, **kwargs)
-
-    def _call_children_scripts(self) -> None:
-        if not HydraConfig.initialized():  # not run through Hydra (e.g. a notebook): Lightning's way
-            super()._call_children_scripts()
-            _job.procs.extend(self.procs)
-            return
-        self._check_can_spawn_children()
-        env = self.cluster_environment
-        os.environ["MASTER_ADDR"] = env.main_address
-        os.environ["MASTER_PORT"] = str(env.main_port)
-        os.environ["NODE_RANK"] = str(env.node_rank())
-        os.environ["LOCAL_RANK"] = str(env.local_rank())
-        os.environ["WORLD_SIZE"] = str(self.num_processes * self.num_nodes)
-        for local_rank in range(1, self.num_processes):
-            command, cwd = child_command(env.node_rank() * self.num_processes + local_rank)
-            proc = subprocess.Popen(command, env={**os.environ, "LOCAL_RANK": str(local_rank)}, cwd=cwd)
-            self.procs.append(proc)
-            _job.procs.append(proc)
-
-
-class HydraDDPStrategy(DDPStrategy):
+class HydraDDPStrategy(ChildLaunchingDDPStrategy):
     """``DDPStrategy`` whose extra ranks re-run the current Hydra job (see the module doc)."""
 
-    def _configure_launcher(self) -> None:
-        super()._configure_launcher()
-        if isinstance(self._launcher, _SubprocessScriptLauncher):
-            self._launcher = HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+    def make_launcher(self, cluster_environment: Any, num_processes: int, num_nodes: int) -> ChildLauncher:
+        return ChildLauncher(
+            cluster_environment, num_processes, num_nodes, spawn=_spawn_job_ranks, started=_watch_ranks
+        )
+
+
+def _spawn_job_ranks(launcher: ChildLauncher) -> list[subprocess.Popen] | None:
+    """Start ranks 1..N-1 of this node as single runs of the current job (None outside Hydra:
+    e.g. a notebook, where Lightning's own way is right)."""
+    if not HydraConfig.initialized():
+        return None
+    launcher.check_can_spawn_children()
+    env = launcher.cluster_environment
+    os.environ["MASTER_ADDR"] = env.main_address
+    os.environ["MASTER_PORT"] = str(env.main_port)
+    os.environ["NODE_RANK"] = str(env.node_rank())
+    os.environ["LOCAL_RANK"] = str(env.local_rank())
+    os.environ["WORLD_SIZE"] = str(launcher.num_processes * launcher.num_nodes)
+    procs = []
+    for local_rank in range(1, launcher.num_processes):
+        command, cwd = child_command(env.node_rank() * launcher.num_processes + local_rank)
+        procs.append(subprocess.Popen(command, env={**os.environ, "LOCAL_RANK": str(local_rank)}, cwd=cwd))
+    return procs
+
+
+def _watch_ranks(procs: list[subprocess.Popen]) -> None:
+    """The job's child ranks end with it (:func:`ddp_job`); a failed one stops the others."""
+    _job.procs.extend(procs)
+    _ChildObserver(_job, os.getpid()).start()
 
 
 class _ChildObserver(threading.Thread):

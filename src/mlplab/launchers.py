@@ -74,8 +74,15 @@ STOP_GRACE_S = 60.0
 #: Seconds a job process may take to exit after it sent its result.
 EXIT_GRACE_S = 60.0
 #: Thread pool sizes capped in each job process, as loky caps them in its workers.
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
-               "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMBA_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
 EXIT_ON_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 #: hydra-joblib-launcher's structured config, as ConfigStore keeps it.
 PLUGIN_CONFIG = ("hydra", "launcher", "joblib.yaml")
@@ -111,8 +118,12 @@ def cpu_count() -> int:
 def effective_n_jobs(n_jobs: Any) -> int:
     """joblib's meaning of ``n_jobs``: a count, or -1 for every core, -2 for all but one, ..."""
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
-        print(f"error: hydra.launcher.n_jobs={n_jobs} is invalid; allowed: a number of jobs at a time (1, 2, ...), "
-              "or -1 (one per CPU core), -2 (all cores but one), ...", file=sys.stderr, flush=True)
+        print(
+            f"error: hydra.launcher.n_jobs={n_jobs} is invalid; allowed: a number of jobs at a time (1, 2, ...), "
+            "or -1 (one per CPU core), -2 (all cores but one), ...",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(2)
     return n_jobs if n_jobs > 0 else max(cpu_count() + 1 + n_jobs, 1)
 
@@ -160,8 +171,14 @@ def _exited(pid: int, timeout: float = 0.0) -> bool:
 
 
 # -- in the job's process --------------------------------------------------------------------
-def execute_job(idx: int, overrides: Sequence[str], hydra_context: HydraContext, config: DictConfig,
-                task_function: TaskFunction, singleton_state: dict[Any, Any]) -> JobReturn:
+def execute_job(
+    idx: int,
+    overrides: Sequence[str],
+    hydra_context: HydraContext,
+    config: DictConfig,
+    task_function: TaskFunction,
+    singleton_state: dict[Any, Any],
+) -> JobReturn:
     """Run job ``idx`` (hydra-joblib-launcher's ``execute_job``)."""
     setup_globals()
     store = singleton_state["instances"].get(ConfigStore)
@@ -173,8 +190,13 @@ def execute_job(idx: int, overrides: Sequence[str], hydra_context: HydraContext,
         sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
         sweep_config.hydra.job.num = idx
     HydraConfig.instance().set_config(sweep_config)
-    return run_job(hydra_context=hydra_context, config=sweep_config, task_function=task_function,
-                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+    return run_job(
+        hydra_context=hydra_context,
+        config=sweep_config,
+        task_function=task_function,
+        job_dir_key="hydra.sweep.dir",
+        job_subdir_key="hydra.sweep.subdir",
+    )
 
 
 def _stop_when_orphaned(parent_pid: int) -> None:
@@ -270,8 +292,10 @@ class ProcessLauncher(Launcher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         slots = min(n_jobs, len(job_overrides)) or 1
-        log.info(f"Launching {len(job_overrides)} jobs, {slots} at a time, each in a process of its own "
-                 f"(hydra/launcher=joblib: Joblib.Parallel(n_jobs={n_jobs}) without a shared pool)")
+        log.info(
+            f"Launching {len(job_overrides)} jobs, {slots} at a time, each in a process of its own "
+            f"(hydra/launcher=joblib: Joblib.Parallel(n_jobs={n_jobs}) without a shared pool)"
+        )
         log.info(f"Launching jobs, sweep output dir : {sweep_dir}")
         for idx, overrides in enumerate(job_overrides):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
@@ -281,8 +305,9 @@ class ProcessLauncher(Launcher):
 class _Sweep:
     """One ``launch``: the slot threads, the job processes, the signals."""
 
-    def __init__(self, launcher: ProcessLauncher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
-                 slots: int) -> None:
+    def __init__(
+        self, launcher: ProcessLauncher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, slots: int
+    ) -> None:
         import cloudpickle  # as loky: the task function of a script and lambda resolvers go by value
 
         self.launcher = launcher
@@ -297,8 +322,9 @@ class _Sweep:
         self.running: dict[int, _Job] = {}
         self.jobs = [self._job(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         self.results: list[JobReturn | None] = [None] * len(self.jobs)
-        self.shared = cloudpickle.dumps((launcher.hydra_context, launcher.config, launcher.task_function,
-                                         Singleton.get_state()))
+        self.shared = cloudpickle.dumps(
+            (launcher.hydra_context, launcher.config, launcher.task_function, Singleton.get_state())
+        )
         import multiprocessing
 
         self.ctx = multiprocessing.get_context("spawn")
@@ -312,11 +338,22 @@ class _Sweep:
             with open_dict(cfg):
                 cfg.hydra.job.id = f"{cfg.hydra.job.name}_{idx}"
                 cfg.hydra.job.num = idx
-            out = Path(os.path.abspath(os.path.join(str(OmegaConf.select(cfg, "hydra.sweep.dir")),
-                                                    str(OmegaConf.select(cfg, "hydra.sweep.subdir")))))
+            out = Path(
+                os.path.abspath(
+                    os.path.join(
+                        str(OmegaConf.select(cfg, "hydra.sweep.dir")), str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+                    )
+                )
+            )
             task = [str(o) for o in cfg.hydra.overrides.task]
-            return _Job(idx, overrides, out, task, OmegaConf.select(cfg, "task_name", default=None),
-                        bool(OmegaConf.select(cfg, "fail_fast", default=False)))
+            return _Job(
+                idx,
+                overrides,
+                out,
+                task,
+                OmegaConf.select(cfg, "task_name", default=None),
+                bool(OmegaConf.select(cfg, "fail_fast", default=False)),
+            )
         except Exception:  # the job itself will report what is wrong with its config
             log.debug("could not compose job %d's config in the sweep's process", idx, exc_info=True)
             return _Job(idx, overrides, None, list(overrides), None, False)
@@ -332,8 +369,9 @@ class _Sweep:
         for var in THREAD_VARS:  # read by the job processes as they start (torch's pool size too)
             os.environ.setdefault(var, threads_each)
         try:
-            threads = [threading.Thread(target=self._slot, name=f"mlplab-slot-{i}", daemon=True)
-                       for i in range(self.slots)]
+            threads = [
+                threading.Thread(target=self._slot, name=f"mlplab-slot-{i}", daemon=True) for i in range(self.slots)
+            ]
             for t in threads:
                 t.start()
             while any(t.is_alive() for t in threads):
@@ -352,15 +390,22 @@ class _Sweep:
             self._kill_all()  # only if the threads were left by an exception here
         if self.stop_signal is not None:
             not_started = sum(job.started is None for job in self.jobs)
-            print(f"interrupted: the sweep was stopped by {self.stop_signal}"
-                  + (f"; {not_started} jobs did not start" if not_started else ""), file=sys.stderr, flush=True)
+            print(
+                f"interrupted: the sweep was stopped by {self.stop_signal}"
+                + (f"; {not_started} jobs did not start" if not_started else ""),
+                file=sys.stderr,
+                flush=True,
+            )
             sys.exit(EXIT_ON_SIGNAL.get(self.stop_signal, 128 + signal.Signals[self.stop_signal].value))
         if self.exit_code is not None:
             sys.exit(self.exit_code)
         for i, ret in enumerate(self.results):  # after a fail_fast stop
             if ret is None:
-                self.results[i] = JobReturn(overrides=self.jobs[i].overrides, status=JobStatus.FAILED,
-                                            _return_value=WorkerDied("not started: fail_fast=true stopped the sweep"))
+                self.results[i] = JobReturn(
+                    overrides=self.jobs[i].overrides,
+                    status=JobStatus.FAILED,
+                    _return_value=WorkerDied("not started: fail_fast=true stopped the sweep"),
+                )
         return list(self.results)  # type: ignore[arg-type]
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -409,8 +454,11 @@ class _Sweep:
     def _run_job(self, i: int) -> JobReturn | None:
         job = self.jobs[i]
         receive, send = self.ctx.Pipe(duplex=False)
-        job.proc = self.ctx.Process(target=job_process_main, name=f"mlplab-job-{job.idx}",
-                                    args=(self.shared, job.idx, job.overrides, send, os.getpid()))
+        job.proc = self.ctx.Process(
+            target=job_process_main,
+            name=f"mlplab-job-{job.idx}",
+            args=(self.shared, job.idx, job.overrides, send, os.getpid()),
+        )
         with self.lock:
             if self.stop.is_set():
                 return None
@@ -452,8 +500,9 @@ class _Sweep:
         kind = message[0] if message else None
         if kind == "result":
             return message[1]
-        ret = JobReturn(overrides=job.overrides, working_dir=os.getcwd(), task_name=job.task_name,
-                        status=JobStatus.COMPLETED)
+        ret = JobReturn(
+            overrides=job.overrides, working_dir=os.getcwd(), task_name=job.task_name, status=JobStatus.COMPLETED
+        )
         if kind == "exit":
             if message[1] != 0:
                 self._stop_sweep(message[1])
@@ -477,15 +526,18 @@ class _Sweep:
         """The job's ``run.json``, unless the job wrote its own."""
         if job.output_dir is None or runs.read_run_record(job.output_dir) is not None:
             return
-        runs.write_run_record(job.output_dir, {
-            "status": status,
-            "error": error,
-            "metrics": {},
-            "epochs": None,
-            "wall_s": round(time.perf_counter() - job.t0, 3),
-            "overrides": job.task_overrides,
-            "output_dir": str(job.output_dir),
-            "task_name": job.task_name,
-            "started": job.started.isoformat(timespec="seconds") if job.started else None,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        })
+        runs.write_run_record(
+            job.output_dir,
+            {
+                "status": status,
+                "error": error,
+                "metrics": {},
+                "epochs": None,
+                "wall_s": round(time.perf_counter() - job.t0, 3),
+                "overrides": job.task_overrides,
+                "output_dir": str(job.output_dir),
+                "task_name": job.task_name,
+                "started": job.started.isoformat(timespec="seconds") if job.started else None,
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )

@@ -30,7 +30,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
 
 
-def compose(overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None, config_name: str = "train") -> DictConfig:
+def compose(
+    overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None, config_name: str = "train"
+) -> DictConfig:
     """The config that ``python src/<config_name>.py <overrides>`` would run.
 
     Its ``paths.output_dir`` is ``output_dir`` or a new
@@ -47,7 +49,9 @@ def compose(overrides: Sequence[str] = (), output_dir: str | os.PathLike | None 
     with open_dict(cfg):
         if output_dir is None:
             now = datetime.now()
-            output_dir = Path(cfg.paths.log_dir) / "notebooks" / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}_{secrets.token_hex(3)}"
+            output_dir = (
+                Path(cfg.paths.log_dir) / "notebooks" / f"{now:%Y-%m-%d}" / f"{now:%H-%M-%S}_{secrets.token_hex(3)}"
+            )
         cfg.paths.output_dir = str(output_dir)
     return cfg
 
@@ -66,7 +70,7 @@ def train(overrides: Sequence[str] | DictConfig = ()) -> Run:
     Takes overrides or a config from :func:`compose`. A bad value raises
     :class:`~mlplab.errors.ConfigError` before anything is trained.
     """
-    from mlplab.training import fit
+    from mlplab.engines import fit
 
     cfg = overrides if isinstance(overrides, DictConfig) else compose(overrides)
     out = Path(cfg.paths.output_dir)
@@ -101,7 +105,9 @@ def images(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, np.ndarray]]
 
     ea = _events(run_dir)
     return {
-        tag: [(e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB"))) for e in ea.Images(tag)]
+        tag: [
+            (e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB"))) for e in ea.Images(tag)
+        ]
         for tag in ea.Tags()["images"]
     }
 

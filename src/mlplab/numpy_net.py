@@ -15,7 +15,7 @@ the students write it:
 
 The tests check that for the same weights its gradients equal torch autograd's on
 :class:`mlplab.models.MLP` (sigmoid hidden and output, ``loss=mse``) to 1e-6 in float64, and
-that it learns XOR; ``model=numpy_mlp`` trains it on any DataModule (:mod:`mlplab.numpy_engine`).
+that it learns XOR; ``model=numpy_mlp`` trains it on any DataModule (:mod:`mlplab.engines.numpy`).
 
 ``reduction`` says how a batch's per-sample losses combine: ``"sum"`` (Lesson C's formula)
 or ``"mean"`` (what training uses, like :class:`mlplab.models.SquaredError`: the learning
@@ -192,10 +192,14 @@ def numpy_mlp(
     """
     for key, value in (("model.activation", activation), ("model.output_activation", output_activation)):
         if value != "sigmoid":
-            raise ConfigError(f"{key}={value!r} is invalid for model=numpy_mlp; allowed: sigmoid (the lessons' NumPy net)")
+            raise ConfigError(
+                f"{key}={value!r} is invalid for model=numpy_mlp; allowed: sigmoid (the lessons' NumPy net)"
+            )
     sizes = list(hidden_sizes) if isinstance(hidden_sizes, Sequence) and not isinstance(hidden_sizes, str) else None
     if not sizes:
-        raise ConfigError(f"model.hidden_sizes={hidden_sizes!r} is invalid; allowed: a non-empty list of positive integers")
+        raise ConfigError(
+            f"model.hidden_sizes={hidden_sizes!r} is invalid; allowed: a non-empty list of positive integers"
+        )
     for i, h in enumerate(sizes):
         positive_int(f"model.hidden_sizes[{i}]", h)
     if single_output and num_classes != 2:

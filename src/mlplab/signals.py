@@ -60,7 +60,9 @@ class JobSignals:
             self._previous = {s: signal.getsignal(s) for s in SIGNALS}
             for s in SIGNALS:
                 signal.signal(s, self._handle)
-            logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").addFilter(_DropLightningSigtermLine())
+            logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").addFilter(
+                _DropLightningSigtermLine()
+            )
         return True
 
     def uninstall(self) -> None:
@@ -118,8 +120,11 @@ def stop_sweep_between_jobs(sweep_dir: Path, metric: str) -> Callable[[str], Non
                 written = f"; the summary of the jobs so far is in {sweep_dir / 'summary.md'}"
             except Exception as err:  # the exit must not turn into a traceback
                 written = f"; its summary could not be written ({err})"
-        print(f"interrupted: the sweep was stopped by {name} between two jobs{written}; the jobs after it did not start",
-              file=sys.stderr, flush=True)
+        print(
+            f"interrupted: the sweep was stopped by {name} between two jobs{written}; the jobs after it did not start",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(EXIT_CODES.get(name, 130))
 
     return stop

@@ -167,8 +167,10 @@ def _md_cell(text: str) -> str:
 def markdown(summary: Summary) -> str:
     """The summary as Markdown: shared overrides, the table, the best job."""
     lines = [f"# Sweep {summary.sweep_dir.name}", ""]
-    lines.append(f"{len(summary.rows)} jobs, {len(summary.rows) - len(summary.failed)} ok, {len(summary.failed)} failed; "
-                 f"metric: `{summary.metric}`.")
+    lines.append(
+        f"{len(summary.rows)} jobs, {len(summary.rows) - len(summary.failed)} ok, {len(summary.failed)} failed; "
+        f"metric: `{summary.metric}`."
+    )
     if summary.common:
         lines.append(f"Every job: `{' '.join(summary.common)}`.")
     lines.append("")
@@ -190,8 +192,10 @@ def markdown(summary: Summary) -> str:
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     lines.append("")
     if best is not None:
-        lines.append(f"Best by `{summary.metric}`: `{best.label}`, {summary.metric}={_fmt(best.metrics[summary.metric])} "
-                     f"(dir `{best.job}`).")
+        lines.append(
+            f"Best by `{summary.metric}`: `{best.label}`, {summary.metric}={_fmt(best.metrics[summary.metric])} "
+            f"(dir `{best.job}`)."
+        )
     else:
         lines.append(f"No job finished with `{summary.metric}`.")
     lines.append("")
@@ -204,16 +208,18 @@ def write_csv(summary: Summary, path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["job", "status", "error", *summary.metrics, "epochs", "wall_s", "overrides", "output_dir"])
         for row in summary.rows:
-            writer.writerow([
-                row.job,
-                row.status,
-                row.error or "",
-                *(_fmt(row.metrics.get(m), 6) for m in summary.metrics),
-                "" if row.epochs is None else row.epochs,
-                _fmt(row.wall_s, 3),
-                " ".join(row.overrides),
-                row.output_dir,
-            ])
+            writer.writerow(
+                [
+                    row.job,
+                    row.status,
+                    row.error or "",
+                    *(_fmt(row.metrics.get(m), 6) for m in summary.metrics),
+                    "" if row.epochs is None else row.epochs,
+                    _fmt(row.wall_s, 3),
+                    " ".join(row.overrides),
+                    row.output_dir,
+                ]
+            )
         atomic_write_text(path, f.getvalue())
 
 
@@ -291,12 +297,18 @@ class SweepSummary(Callback):
         summary = _write_summary_or_exit(sweep_dir, self.metric)
         print(report(summary), flush=True)
         if summary.failed and self.exit_on_failure:
-            print(f"{len(summary.failed)} of {len(summary.rows)} jobs failed (see the table above)", file=sys.stderr, flush=True)
+            print(
+                f"{len(summary.failed)} of {len(summary.rows)} jobs failed (see the table above)",
+                file=sys.stderr,
+                flush=True,
+            )
             sys.exit(EXIT_JOBS_FAILED)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlplab.sweeps", description="(Re)write the summary of a sweep dir.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mlplab.sweeps", description="(Re)write the summary of a sweep dir."
+    )
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--metric", default="val/acc_best", help="the metric compared (default: val/acc_best)")
     args = parser.parse_args(argv)

@@ -86,7 +86,9 @@ def _check_node(node: Any, where: str, source: str, partial_ok: bool) -> None:
         )
     for key in node:
         if not isinstance(key, str):
-            raise CheckpointError(f"{source} holds a config with a non-text key at {where}; allowed: an mlplab run config")
+            raise CheckpointError(
+                f"{source} holds a config with a non-text key at {where}; allowed: an mlplab run config"
+            )
         special = key.startswith("_") and key.endswith("_")
         if special and key not in _PLAIN_SPECIAL and not (key == "_partial_" and partial_ok):
             raise CheckpointError(
@@ -94,7 +96,9 @@ def _check_node(node: Any, where: str, source: str, partial_ok: bool) -> None:
                 "allowed: the keys of mlplab's own config groups (_target_ of a shipped class)"
             )
     if node.get("_partial_") not in (None, False) and target not in partial_targets:
-        raise CheckpointError(f"{source} holds {where}._partial_ for {target!r}; allowed: only for {', '.join(sorted(partial_targets))}")
+        raise CheckpointError(
+            f"{source} holds {where}._partial_ for {target!r}; allowed: only for {', '.join(sorted(partial_targets))}"
+        )
     for key, value in node.items():
         if not (key.startswith("_") and key.endswith("_")):
             _check_node(value, f"{where}.{key}", source, partial_ok)
@@ -103,7 +107,9 @@ def _check_node(node: Any, where: str, source: str, partial_ok: bool) -> None:
 def check_stored_config(config: Any, source: str, sections: Iterable[str] = ("data", "model", "loss")) -> None:
     """Refuse a stored config whose ``sections`` would build anything but mlplab's shipped classes."""
     if not isinstance(config, dict):
-        raise CheckpointError(f"{source} holds no run config (found {type(config).__name__}); allowed: an mlplab checkpoint")
+        raise CheckpointError(
+            f"{source} holds no run config (found {type(config).__name__}); allowed: an mlplab checkpoint"
+        )
     for section in sections:
         node = config.get(section)
         if node is None and section == "loss":
@@ -165,7 +171,9 @@ def untrusted_overrides(overrides: list[str]) -> list[tuple[str, str]]:
             if special:
                 why = f"its value holds {special}"
             elif ".." in segments or (
-                isinstance(value, str) and key not in _ALLOWED_PATH_KEYS and (".." in value.split("/") or value.startswith(("/", "~")))
+                isinstance(value, str)
+                and key not in _ALLOWED_PATH_KEYS
+                and (".." in value.split("/") or value.startswith(("/", "~")))
             ):
                 # model=../../elsewhere/evil would compose a yaml file from outside conf/
                 why = "it names a file outside the config groups"

@@ -10,6 +10,7 @@ from mlplab.callbacks.decision_boundary import DecisionBoundary
 from mlplab.callbacks.gradients import GradientNorms
 from mlplab.callbacks.histograms import WeightHistograms
 from mlplab.callbacks.misclassified import MisclassifiedImages
+from mlplab.callbacks.progress import ProgressBar
 from mlplab.callbacks.resume import AtomicCheckpointIO, RNGState, StopOnSignal
 from mlplab.callbacks.samples import SampleInputs
 from mlplab.callbacks.test_report import TestReport
@@ -22,6 +23,7 @@ __all__ = [
     "GradientNorms",
     "MisclassifiedImages",
     "ModelCheckpoint",
+    "ProgressBar",
     "RNGState",
     "SampleInputs",
     "StopOnSignal",

@@ -5,8 +5,8 @@ microseconds per callback and step in hook dispatch, even for hooks left at the 
 default. Its dispatcher (``_call_callback_hooks``) skips a hook attribute that is not
 callable, so :class:`LeanCallback` sets the per-batch hooks a subclass does not
 override to ``None`` on the instance: a diagnostic that works at test end or once an
-epoch then adds nothing to a training step, in any Trainer. (``mlplab.training`` does
-the same for every callback of a run, see :mod:`mlplab.lean`.) A test checks that
+epoch then adds nothing to a training step, in any Trainer. (``mlplab.engines.lightning`` does
+the same for every callback of a run, see :mod:`mlplab.lightning_ext.fastpath`.) A test checks that
 Lightning still honours this (and that the saving is real).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from mlplab.lean import PER_BATCH_HOOKS, unset_noop_hooks
+from mlplab.lightning_ext.fastpath import PER_BATCH_HOOKS, unset_noop_hooks
 
 __all__ = ["LeanCallback", "PER_BATCH_HOOKS"]
 

@@ -24,7 +24,9 @@ def dataset_tensors(dataset: Any) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def predict_grid(model: torch.nn.Module, x: Tensor, resolution: int, margin: float = 0.1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict_grid(
+    model: torch.nn.Module, x: Tensor, resolution: int, margin: float = 0.1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(xx, yy, classes)``: the predicted class on a ``resolution``² grid around the points ``x`` (N, 2)."""
     x = x.detach().float().reshape(len(x), 2).cpu()
     lo, hi = x.min(dim=0).values, x.max(dim=0).values
@@ -60,7 +62,9 @@ def boundary_figure(
     for c in range(k):
         sel = labels == c
         if sel.any():
-            ax.scatter(pts[sel, 0], pts[sel, 1], s=12, color=colors[c], edgecolors="black", linewidths=0.3, label=names[c])
+            ax.scatter(
+                pts[sel, 0], pts[sel, 1], s=12, color=colors[c], edgecolors="black", linewidths=0.3, label=names[c]
+            )
     ax.legend(fontsize=7, loc="best")
     ax.set_title(title, fontsize=9)
     return fig
@@ -95,7 +99,9 @@ class DecisionBoundary(LeanCallback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         if (epoch + 1) % self.every_n_epochs == 0:
-            self._draw(trainer, pl_module, trainer.train_dataloader.dataset, "train/decision_boundary", f"epoch {epoch}")
+            self._draw(
+                trainer, pl_module, trainer.train_dataloader.dataset, "train/decision_boundary", f"epoch {epoch}"
+            )
             self._last_drawn = trainer.global_step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -46,7 +46,9 @@ class GradientNorms(LeanCallback):
 
     def __init__(self, every_n_steps: int | None = None, figure_every_n_epochs: int | None = None) -> None:
         super().__init__()
-        self.every_n_steps = None if every_n_steps is None else positive_int("callbacks.gradient_norms.every_n_steps", every_n_steps)
+        self.every_n_steps = (
+            None if every_n_steps is None else positive_int("callbacks.gradient_norms.every_n_steps", every_n_steps)
+        )
         self.figure_every_n_epochs = (
             None
             if figure_every_n_epochs is None

@@ -26,7 +26,9 @@ class WeightHistograms(LeanCallback):
     def __init__(self, every_n_epochs: int | None = None, gradients: bool = False) -> None:
         super().__init__()
         self.every_n_epochs = (
-            None if every_n_epochs is None else positive_int("callbacks.weight_histograms.every_n_epochs", every_n_epochs)
+            None
+            if every_n_epochs is None
+            else positive_int("callbacks.weight_histograms.every_n_epochs", every_n_epochs)
         )
         self.gradients = bool(gradients)
         if not (self.gradients and self.every_n_epochs):
@@ -43,7 +45,9 @@ class WeightHistograms(LeanCallback):
         for i, (_, p) in enumerate(layer_weights(pl_module), start=1):
             values = p if what == "weights" else p.grad
             if values is not None:
-                writer.add_histogram(f"{what}/layer_{i:02d}", values.detach().float().cpu(), global_step=trainer.global_step)
+                writer.add_histogram(
+                    f"{what}/layer_{i:02d}", values.detach().float().cpu(), global_step=trainer.global_step
+                )
         if what == "weights":
             self._last_step = trainer.global_step
 

@@ -9,7 +9,14 @@ import torch
 from torch import Tensor
 
 from mlplab.callbacks.base import LeanCallback
-from mlplab.callbacks.plotting import class_names, image_grid, input_shape, is_image_shape, log_figure, tensorboard_writer
+from mlplab.callbacks.plotting import (
+    class_names,
+    image_grid,
+    input_shape,
+    is_image_shape,
+    log_figure,
+    tensorboard_writer,
+)
 from mlplab.validation import positive_int
 
 
@@ -39,7 +46,13 @@ class MisclassifiedImages(LeanCallback):
         self._active = tensorboard_writer(trainer) is not None and is_image_shape(input_shape(trainer))
 
     def on_test_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if not self._active or self._count >= self.max_images:
             return

@@ -114,7 +114,15 @@ def image_grid(
         r, c = divmod(i, ncols)
         top, left = r * cell_h + band, gap + c * cell_w
         mosaic[top : top + h, left : left + w] = pic
-        ax.text(left + w / 2, top - 1, titles[i], ha="center", va="bottom", fontsize=7,
-                color=colors[i] if colors else "black", linespacing=1.0)
+        ax.text(
+            left + w / 2,
+            top - 1,
+            titles[i],
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            color=colors[i] if colors else "black",
+            linespacing=1.0,
+        )
     ax.imshow(mosaic, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
     return fig

@@ -6,7 +6,14 @@ import lightning as L
 import torch
 
 from mlplab.callbacks.base import LeanCallback
-from mlplab.callbacks.plotting import class_names, image_grid, input_shape, is_image_shape, log_figure, tensorboard_writer
+from mlplab.callbacks.plotting import (
+    class_names,
+    image_grid,
+    input_shape,
+    is_image_shape,
+    log_figure,
+    tensorboard_writer,
+)
 from mlplab.validation import positive_int
 
 

@@ -6,7 +6,6 @@ import logging
 from typing import Any, Sequence
 
 import lightning as L
-import torch
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -70,7 +69,13 @@ class TestReport(LeanCallback):
         self.confusion_metric = MulticlassConfusionMatrix(num_classes=k, validate_args=False).to(pl_module.device)
 
     def on_test_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         x, y = batch[0], batch[1]
         preds = pl_module(x).argmax(dim=1)
@@ -115,7 +120,14 @@ def confusion_figure(confusion: Tensor, names: Sequence[str]) -> Any:
         threshold = counts.max() / 2 if counts.size else 0
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7,
-                        color="white" if counts[i, j] > threshold else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if counts[i, j] > threshold else "black",
+                )
     ax.set_title(f"test confusion matrix ({int(counts.sum())} samples)", fontsize=9)
     return fig

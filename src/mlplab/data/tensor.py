@@ -61,8 +61,8 @@ class BatchTensorDataset(Dataset):
 
     def __getitem__(self, index: int | slice) -> tuple[Tensor, ...]:
         if isinstance(index, slice) and self.order is not None:
-            # index_select copies whole rows; on a CPU it is 2-3x as fast as t[rows]
-            # (advanced indexing walks element by element): README, "Speed".
+            # index_select copies whole rows, faster on a CPU than t[rows]
+            # (advanced indexing walks element by element; docs: Speed).
             rows = self.order[index]
             return tuple(t.index_select(0, rows) for t in self.tensors)
         return tuple(t[index] for t in self.tensors)
@@ -207,7 +207,7 @@ class TensorDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         if self.expected_pool_size is not None:
             self.split_sizes(self.expected_pool_size)
-        #: Minibatches per training batch (set by mlplab.training for fused steps): a training
+        #: Minibatches per training batch (set by mlplab.engines.lightning for fused steps): a training
         #: batch is then a block of up to ``steps_per_call * batch_size`` rows, the same
         #: minibatches back to back, which ``Classifier.fuse_steps`` cuts apart again.
         self.steps_per_call = 1

@@ -11,7 +11,7 @@ from sklearn.datasets import make_moons
 from torch import Tensor
 
 from mlplab.data.tensor import TensorDataModule, split_indices
-from mlplab.validation import int_in, non_negative_number, positive_int, held_out_count
+from mlplab.validation import held_out_count, int_in, non_negative_number, positive_int
 
 XOR_X = ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (1.0, 1.0))
 XOR_Y = (0, 1, 1, 0)

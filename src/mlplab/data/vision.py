@@ -269,11 +269,11 @@ class TorchvisionIDXDataModule(TensorDataModule):
         images = read_idx(images_file, 3, self.input_shape[1:], official.get(images_name), images_data)
         labels = read_idx(labels_file, 1, (), official.get(labels_name), labels_data)
         if len(images) != len(labels):
-            raise DataError(f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels; {_FIX}")
-        if len(labels) and int(labels.max()) >= self.num_classes:
             raise DataError(
-                f"{labels_file} has label {int(labels.max())}; allowed: 0..{self.num_classes - 1}; {_FIX}"
+                f"{images_file} has {len(images)} images but {labels_file} has {len(labels)} labels; {_FIX}"
             )
+        if len(labels) and int(labels.max()) >= self.num_classes:
+            raise DataError(f"{labels_file} has label {int(labels.max())}; allowed: 0..{self.num_classes - 1}; {_FIX}")
         x = images.unsqueeze(1).to(torch.float32).div_(255.0)
         return normalise(x, self.mean, self.std), labels.to(torch.long)
 

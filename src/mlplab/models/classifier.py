@@ -14,7 +14,15 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
 from mlplab.errors import DivergenceError
-from mlplab.lean import StepHooks, backward_and_step, direct_steps_possible
+from mlplab.lightning_ext.fastpath import (
+    HookNameAttribute,
+    StepHooks,
+    advance_logging_step,
+    backward_and_step,
+    carry_step_count,
+    direct_steps_possible,
+    precompute_signature,
+)
 from mlplab.models.losses import ClassificationLoss, CrossEntropy
 from mlplab.models.metrics import EpochStats
 
@@ -22,7 +30,7 @@ log = logging.getLogger(__name__)
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
-class Classifier(L.LightningModule):
+class Classifier(HookNameAttribute, L.LightningModule):
     """Classification of ``net``'s outputs with ``loss`` (cross-entropy by default).
 
     Metrics are torchmetrics objects, accumulated on the module's device each step and
@@ -79,15 +87,6 @@ class Classifier(L.LightningModule):
         # Fused steps bypass Lightning's per-step dispatch where that changes nothing (on_train_start).
         self._direct_steps = False
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        # Lightning records the running hook's name here around every hook call (~20 times
-        # a step); nn.Module.__setattr__ would first search parameters, buffers and
-        # submodules for the name each time.
-        if name == "_current_fx_name":
-            self.__dict__[name] = value
-        else:
-            super().__setattr__(name, value)
-
     def forward(self, x: Tensor) -> Tensor:
         """Class scores (``num_classes`` columns; arg-max = the predicted class)."""
         return self.criterion.scores(self.net(x))
@@ -123,9 +122,13 @@ class Classifier(L.LightningModule):
             self._losses, self._loss_steps = [], []
             return
         first = losses_bad.nonzero()
-        where = f"loss at step {self._loss_steps[int(first[0])]}" if len(first) else f"weights by step {self.global_step}"
+        where = (
+            f"loss at step {self._loss_steps[int(first[0])]}" if len(first) else f"weights by step {self.global_step}"
+        )
         raise DivergenceError.training(
-            where, self.current_epoch, self._epoch_lr,
+            where,
+            self.current_epoch,
+            self._epoch_lr,
             allowed="a smaller optimizer.lr (or gradient clipping, trainer.gradient_clip_val)",
         )
 
@@ -152,9 +155,8 @@ class Classifier(L.LightningModule):
         (``manual_backward``, ``LightningOptimizer.step``): precision plugins, the backward
         and optimizer-step hooks of callbacks (gradient norms) and the global step count
         behave as before. On one device in 32-bit precision without a profiler,
-        :func:`mlplab.lean.backward_and_step` makes the same calls without Lightning's
-        dispatch. What is amortised over the block is Lightning's per-batch loop, about
-        1 ms of Python a call on a 2-core CPU (README, "Speed").
+        :func:`mlplab.lightning_ext.fastpath.backward_and_step` makes the same calls without
+        Lightning's dispatch. What is amortised over the block is Lightning's per-batch loop.
         """
         self.steps_per_call, self.micro_batch_size = steps_per_call, batch_size
         self.automatic_optimization = steps_per_call == 1
@@ -170,20 +172,29 @@ class Classifier(L.LightningModule):
         length) would leave the added epochs at lr 0. The schedule becomes the one this run
         planned, as if it had been planned so from the start (the lr of the current epoch on
         the new curve); a schedule that spans the run's steps (one-cycle) is refused before
-        training instead (:func:`mlplab.training.check_schedule_plan`).
+        training instead (:func:`mlplab.engines.checkpoints.check_schedule_plan`).
         """
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
             planned = self._planned_t_max
-            if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or planned in (None, scheduler.T_max):
+            if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or planned in (
+                None,
+                scheduler.T_max,
+            ):
                 continue
             before, scheduler.T_max = scheduler.T_max, planned
             epoch = scheduler.last_epoch
             for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * epoch / planned)) / 2
+                group["lr"] = (
+                    scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * epoch / planned)) / 2
+                )
             log.info(
                 "the cosine lr schedule is re-planned for %d epochs (the checkpoint's was planned for %d): "
-                "epoch %d continues at lr %.6g", planned, before, epoch, scheduler.optimizer.param_groups[0]["lr"],
+                "epoch %d continues at lr %.6g",
+                planned,
+                before,
+                epoch,
+                scheduler.optimizer.param_groups[0]["lr"],
             )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
@@ -231,14 +242,12 @@ class Classifier(L.LightningModule):
             step += 1
             if step >= last_step:
                 break
-        # The block's metrics in one update (each torchmetrics update costs ~15 us of wrapper),
+        # The block's metrics in one update (each torchmetrics update has a wrapper's cost),
         # and its losses for the divergence guard as one tensor.
         self.train_stats.update(losses, self.criterion.scores(torch.cat(outputs)), batch[1][: sum(sizes)], sizes)
         self._losses.append(torch.stack(losses))
-        # Lightning's logging step (the x axis of every self.log) counts loop iterations:
-        # advance it by the block's extra steps, so that it counts optimizer steps as in
-        # Lightning's own loop (it is saved in checkpoints with the loop state).
-        trainer.fit_loop.epoch_loop._batches_that_stepped += step - first_step - 1
+        # Lightning's logging step counts optimizer steps, as in its own loop.
+        advance_logging_step(trainer, step - first_step - 1)
         # An epoch-interval schedule steps after the epoch's last batch, before validation
         # (and its checkpoint), as Lightning's loop does.
         if self._scheduler is not None and self._scheduler_interval == "epoch":
@@ -250,17 +259,9 @@ class Classifier(L.LightningModule):
             self.check_finite()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning counts optimizer steps (global_step) in one of two progress records,
-        # automatic or manual optimization. A checkpoint written with another steps_per_call
-        # (ckpt_path=) has its count in the other one: carry it over before the loops load it.
-        fit = checkpoint.get("loops", {}).get("fit_loop", {})
-        manual = fit.get("epoch_loop.manual_optimization.optim_step_progress")
-        automatic = fit.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
-        if manual is None or automatic is None:
-            return
-        source, target = (manual, automatic) if self.automatic_optimization else (automatic, manual)
-        if target["total"]["completed"] == 0 and source["total"]["completed"] > 0:
-            target["total"], target["current"] = dict(source["total"]), dict(source["current"])
+        # A checkpoint written with another steps_per_call (ckpt_path=) counts its steps
+        # under the other optimization mode.
+        carry_step_count(checkpoint, self.automatic_optimization)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.trainer.state.fn == TrainerFn.FITTING:
@@ -311,9 +312,7 @@ class Classifier(L.LightningModule):
         return min(steps, self.trainer.max_steps) if self.trainer.max_steps >= 0 else steps
 
 
-# Lightning reads training_step's signature on every step (inspect.getfullargspec, to learn
-# whether it takes batch_idx); a precomputed __signature__ makes that lookup a third as dear.
-Classifier.training_step.__signature__ = inspect.signature(Classifier.training_step)  # type: ignore[attr-defined]
+precompute_signature(Classifier.training_step)
 
 
 def build_scheduler(

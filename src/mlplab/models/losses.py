@@ -33,7 +33,11 @@ class CrossEntropy(ClassificationLoss):
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing < 1:
+        if (
+            isinstance(label_smoothing, bool)
+            or not isinstance(label_smoothing, (int, float))
+            or not 0 <= label_smoothing < 1
+        ):
             raise ConfigError(f"loss.label_smoothing={label_smoothing!r} is invalid; allowed: a number in [0, 1)")
         self.label_smoothing = float(label_smoothing)
 

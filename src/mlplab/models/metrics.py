@@ -1,13 +1,13 @@
 """Lean epoch metrics for the step: the per-sample mean loss and top-1 accuracy.
 
 ``torchmetrics.classification.MulticlassAccuracy`` goes through the general stat-scores
-machinery (one-hot/bincount per class): ~150 us per update on a CPU step here, and
+machinery (one-hot/bincount per class), a large share of a small CPU step, and
 ``torchmetrics.MeanMetric`` checks every update for NaNs (a host sync per step) and,
 with ``nan_strategy="disable"``, drops the weights (torchmetrics 1.9): the epoch value
 would be the unweighted mean of batch means, which changes with how the samples are
 batched -- across DDP ranks, too. :class:`EpochStats` keeps both in three counters with
-one ``update`` per step (each torchmetrics update costs ~15 us of wrapper on top of its
-tensor ops: two metrics cost ~60 us a step, this one ~30 us). It is a
+one ``update`` per step (each torchmetrics update adds a wrapper's Python on top of its
+tensor ops: one metric instead of two halves that). It is a
 ``torchmetrics.Metric`` all the same, so the states live on the module's device, reset
 per epoch and are summed across DDP ranks by torchmetrics; tests check it against
 ``MulticlassAccuracy`` and a weighted mean.

@@ -38,7 +38,9 @@ class SimpleNet(_LayerStack):
     def __init__(self, input_dim: int, num_classes: int, hidden_size: int = 120) -> None:
         super().__init__()
         hidden_size = positive_int("model.hidden_size", hidden_size)
-        self.layers = nn.Sequential(nn.Flatten(), nn.Linear(input_dim, hidden_size), nn.Linear(hidden_size, num_classes))
+        self.layers = nn.Sequential(
+            nn.Flatten(), nn.Linear(input_dim, hidden_size), nn.Linear(hidden_size, num_classes)
+        )
 
 
 class SigmoidNet(_LayerStack):
@@ -104,9 +106,7 @@ class MLP(_LayerStack):
         for i, h in enumerate(sizes):
             positive_int(f"model.hidden_sizes[{i}]", h)
         if activation not in ACTIVATIONS:
-            raise ConfigError(
-                f"model.activation={activation!r} is invalid; allowed: {', '.join(sorted(ACTIVATIONS))}"
-            )
+            raise ConfigError(f"model.activation={activation!r} is invalid; allowed: {', '.join(sorted(ACTIVATIONS))}")
         if output_activation is not None and output_activation not in OUTPUT_ACTIVATIONS:
             raise ConfigError(
                 f"model.output_activation={output_activation!r} is invalid; allowed: null, {', '.join(OUTPUT_ACTIVATIONS)}"

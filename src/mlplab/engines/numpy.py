@@ -1,4 +1,4 @@
-"""``model=numpy_mlp``: train the lessons' NumPy network (:mod:`mlplab.numpy_net`) from a config.
+"""The NumPy engine (``engine=numpy``, set by ``model=numpy_mlp``): train the lessons' NumPy network (:mod:`mlplab.numpy_net`) from a config.
 
 Same DataModule, split, seed and output dir as the other engines; the loop is Lesson C's:
 shuffled mini-batches of ``data.batch_size`` (1: per-sample SGD as in Lesson A), plain
@@ -23,6 +23,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab.data import TensorDataModule
+from mlplab.engines.limits import check_trainer, fast_dev_batches
 from mlplab.errors import ConfigError
 from mlplab.hparams import HPARAM_METRICS, flat_hparams, write_hparams_summary
 from mlplab.numpy_net import NumpyMLP
@@ -36,11 +37,13 @@ def _check(cfg: DictConfig) -> None:
     loss = OmegaConf.select(cfg, "loss._target_", default=None)
     opt = cfg.optimizer
     ok = (
-        loss is not None and loss.endswith("SquaredError")
+        loss is not None
+        and loss.endswith("SquaredError")
         and not cfg.get("scheduler")
         and opt.get("_target_") == "torch.optim.SGD"
-        and not opt.get("momentum") and not opt.get("weight_decay") and not opt.get("nesterov")
-        and cfg.get("engine", "lightning") == "lightning"
+        and not opt.get("momentum")
+        and not opt.get("weight_decay")
+        and not opt.get("nesterov")
         and not OmegaConf.select(cfg, "data.augment", default=None)
     )
     if not ok:
@@ -61,11 +64,13 @@ def _evaluate(net: NumpyMLP, x: np.ndarray, y: np.ndarray) -> tuple[float, float
     return net.loss(x, net.targets(y), reduction="mean"), float(np.mean(net.predict(x) == y))
 
 
-def fit_numpy(cfg: DictConfig, dm: TensorDataModule, net: NumpyMLP) -> dict[str, float]:
-    from mlplab.ignite_engine import check_trainer, fast_dev_batches
-
+def fit(cfg: DictConfig, dm: TensorDataModule, net: NumpyMLP, ckpt_path: Path | None = None) -> dict[str, float]:
+    if ckpt_path is not None or cfg.get("resume"):
+        raise ConfigError(
+            "engine=numpy cannot resume (resume=, ckpt_path=); allowed: engine=lightning with another model"
+        )
     _check(cfg)
-    check_trainer(cfg, engine="model=numpy_mlp")
+    check_trainer(cfg, engine="engine=numpy")
     fast_dev_run = fast_dev_batches(cfg)  # 0, or: n batches of each stage, one epoch, nothing kept
     mark_training_started()
     out_dir = Path(cfg.paths.output_dir)
@@ -95,8 +100,13 @@ def fit_numpy(cfg: DictConfig, dm: TensorDataModule, net: NumpyMLP) -> dict[str,
         val_loss, val_acc = _evaluate(net, x_val, y_val)
         if val_acc > best_acc:
             best_acc, best = val_acc, copy.deepcopy(net)
-        result = {"train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss, "val/acc": val_acc,
-                  "val/acc_best": best_acc}
+        result = {
+            "train/loss": train_loss,
+            "train/acc": train_acc,
+            "val/loss": val_loss,
+            "val/acc": val_acc,
+            "val/acc_best": best_acc,
+        }
         if writer is not None:
             for key, value in result.items():
                 writer.add_scalar(key, value, (epoch + 1) * steps_per_epoch)

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mlplab.data import TensorDataModule
 from mlplab.errors import ConfigError, MlplabError
+from mlplab.groups import choices
 from mlplab.models import ClassificationLoss, CrossEntropy
 from mlplab.models.classifier import build_scheduler
 
@@ -217,7 +218,9 @@ def _allowed_keys(params: dict[str, inspect.Parameter], supplied: Any = ()) -> l
     return [n for n, p in params.items() if p.kind in named and n != "self" and n not in supplied]
 
 
-def _unknown_key(path: str, node: DictConfig, key: str, params: dict[str, inspect.Parameter], supplied: Any) -> ConfigError:
+def _unknown_key(
+    path: str, node: DictConfig, key: str, params: dict[str, inspect.Parameter], supplied: Any
+) -> ConfigError:
     allowed = _allowed_keys(params, supplied)
     hint = difflib.get_close_matches(key, allowed, n=1)
     return ConfigError(
@@ -263,7 +266,7 @@ def _overridden_keys(path: str) -> list[str]:
     for override in HydraConfig.get().overrides.task:
         key = str(override).lstrip("+~").split("=", 1)[0]
         if key.startswith(f"{path}."):
-            keys.append(key[len(path) + 1:].split(".", 1)[0])
+            keys.append(key[len(path) + 1 :].split(".", 1)[0])
     return keys
 
 
@@ -348,7 +351,7 @@ def _failed_node(group: str, node: DictConfig, message: str) -> tuple[str, DictC
     found = re.search(r"full_key: (\S+)", message)
     full_key = found.group(1) if found else ""
     if full_key.startswith(f"{group}."):
-        sub = OmegaConf.select(node, full_key[len(group) + 1:])
+        sub = OmegaConf.select(node, full_key[len(group) + 1 :])
         if isinstance(sub, DictConfig):
             return full_key, sub
     return group, node
@@ -370,8 +373,11 @@ def _instantiate_group(group: DictConfig | None, name: str = "") -> list[Any]:
     """Every ``_target_`` entry of a dict-of-objects group (callbacks, logger)."""
     if not group:
         return []
-    return [_instantiate_checked(node, f"{name}.{key}" if name else str(key)) for key, node in group.items()
-            if isinstance(node, DictConfig) and "_target_" in node]
+    return [
+        _instantiate_checked(node, f"{name}.{key}" if name else str(key))
+        for key, node in group.items()
+        if isinstance(node, DictConfig) and "_target_" in node
+    ]
 
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
@@ -412,7 +418,11 @@ def build_net(model_cfg: DictConfig, dm: TensorDataModule) -> Any:
         while isinstance(cause, InstantiationException):
             cause = cause.__cause__
         if cause is not None and _is_allocation_error(cause):
-            why = "which this machine cannot allocate" if needed else "asked for more memory than this machine can allocate"
+            why = (
+                "which this machine cannot allocate"
+                if needed
+                else "asked for more memory than this machine can allocate"
+            )
             raise _too_large(model_cfg, needed, f"{why} ({_first_line(cause)})") from None
         raise
 
@@ -448,7 +458,9 @@ def _too_large(model_cfg: DictConfig, needed: tuple[int, int] | None, why: str) 
     keys = _culprits("model", model_cfg, "")
     shown = ", ".join(f"model.{k}={_show(model_cfg, k)}" for k in keys)
     target = model_cfg.get("_target_")
-    asked = f"{target} would have {needed[0]:,} parameters ({_bytes(needed[1])}), {why}" if needed else f"{target} {why}"
+    asked = (
+        f"{target} would have {needed[0]:,} parameters ({_bytes(needed[1])}), {why}" if needed else f"{target} {why}"
+    )
     return ConfigError(f"{shown} is too large: {asked}; allowed: a net that fits in memory (smaller sizes)")
 
 
@@ -465,7 +477,7 @@ def build_loss(cfg: DictConfig) -> ClassificationLoss:
     node = cfg.get("loss")
     loss = _instantiate_checked(node, "loss") if node else CrossEntropy()
     if not isinstance(loss, ClassificationLoss):
-        raise ConfigError(f"loss._target_={node.get('_target_')} is not an mlplab loss; allowed: loss=cross_entropy|mse")
+        raise ConfigError(f"loss._target_={node.get('_target_')} is not an mlplab loss; allowed: {choices('loss')}")
     return loss
 
 
@@ -483,7 +495,8 @@ def build_optimizer(cfg: DictConfig, net: torch.nn.Module) -> tuple[Callable[...
     scheduler_factory = _instantiate_checked(cfg.scheduler, "scheduler")
 
     scheduler, _ = _construct(
-        "scheduler", cfg.scheduler,
+        "scheduler",
+        cfg.scheduler,
         lambda: build_scheduler(scheduler_factory, optimizer, total_steps=lambda: _TRIAL_TOTAL_STEPS),
     )
 

@@ -20,18 +20,24 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from hydra.utils import instantiate
-from ignite.engine import Engine, Events, create_supervised_evaluator, create_supervised_trainer
+from ignite.engine import (
+    Engine,
+    Events,
+    create_supervised_evaluator,
+    create_supervised_trainer,
+)
 from ignite.handlers import Checkpoint, DiskSaver, global_step_from_engine
 from ignite.handlers.tensorboard_logger import TensorboardLogger
 from ignite.metrics import Accuracy, Loss
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from mlplab.engines.build import build_loss, build_optimizer
+from mlplab.engines.limits import check_trainer, fast_dev_batches
 from mlplab.errors import ConfigError, DivergenceError
-from mlplab.models.classifier import build_scheduler
-from mlplab.training import build_loss
 from mlplab.hparams import HPARAM_METRICS, flat_hparams, write_hparams_summary
+from mlplab.models.classifier import build_scheduler
+from mlplab.runs import mark_training_started
 
 
 def _device(cfg: DictConfig) -> torch.device:
@@ -46,46 +52,6 @@ def _device(cfg: DictConfig) -> torch.device:
     if not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} but no GPU is visible; allowed: cpu, auto")
     return torch.device("cuda")
-
-
-#: Lightning Trainer settings that change training and that the ignite loop does not
-#: implement, with the values that mean "off": any other value is refused, not ignored.
-#: (``check_val_every_n_epoch`` only saves time: the ignite loop validates every epoch.)
-_LIGHTNING_ONLY = {
-    "gradient_clip_val": (None, 0, 0.0),
-    "accumulate_grad_batches": (None, 1),
-    "precision": (None, 32, "32", "32-true"),
-    "max_steps": (None, -1),
-    "limit_train_batches": (None, 1, 1.0),
-    "limit_val_batches": (None, 1, 1.0),
-    "limit_test_batches": (None, 1, 1.0),
-    "overfit_batches": (None, 0, 0.0),
-    "val_check_interval": (None, 1, 1.0),
-}
-
-
-def check_trainer(cfg: DictConfig, engine: str = "engine=ignite") -> None:
-    """Refuse a ``trainer.*`` setting a non-Lightning loop (``engine``) would silently ignore."""
-    for key, off in _LIGHTNING_ONLY.items():
-        value = OmegaConf.select(cfg, f"trainer.{key}", default=None)
-        if not any(value == v and type(value) is not bool for v in off):
-            raise ConfigError(
-                f"{engine} does not implement trainer.{key}={value}; allowed: engine=lightning, "
-                f"or trainer.{key} left at {off[1]!r}"
-            )
-    fast_dev_batches(cfg)
-
-
-def fast_dev_batches(cfg: DictConfig) -> int:
-    """``trainer.fast_dev_run`` as Lightning reads it: a number of batches, 0 when off (true: 1)."""
-    value = OmegaConf.select(cfg, "trainer.fast_dev_run", default=None)
-    if value is None or value is False:
-        return 0
-    if value is True:
-        return 1
-    if isinstance(value, int) and value >= 0:
-        return value
-    raise ConfigError(f"trainer.fast_dev_run={value} is invalid; allowed: true, false or a number of batches >= 0")
 
 
 def _prepare_batch(dm) -> Callable:
@@ -117,14 +83,20 @@ def _check_finite(net: nn.Module, losses: list[torch.Tensor], engine: Engine, lr
     raise DivergenceError.training(where, engine.state.epoch - 1, lr, allowed="a smaller optimizer.lr")
 
 
-def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] | None = None) -> dict[str, float]:
+def fit(
+    cfg: DictConfig, dm, net: nn.Module, ckpt_path: Path | None = None, epoch_seconds: list[float] | None = None
+) -> dict[str, float]:
     """Train ``net`` on ``dm`` with ignite; returns the final metrics (val/acc_best, test/acc, ...).
 
     ``epoch_seconds``, if given, receives each epoch's wall time (training + validation).
     """
+    if ckpt_path is not None or cfg.get("resume"):
+        raise ConfigError("engine=ignite cannot resume (resume=, ckpt_path=); allowed: engine=lightning")
     device = _device(cfg)
-    check_trainer(cfg)
+    check_trainer(cfg, engine="engine=ignite")
     fast_dev_run = fast_dev_batches(cfg)  # 0, or: n batches of each stage, one epoch, nothing kept
+    optimizer_factory, scheduler_factory = build_optimizer(cfg, net)  # tried on the net: a refused value is one line
+    mark_training_started()
     out_dir = Path(cfg.paths.output_dir)
     max_epochs = 1 if fast_dev_run else int(cfg.trainer.max_epochs)
     dm.prepare_data()
@@ -135,11 +107,11 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
 
     train_length = epoch_length(dm.train_dataloader())
     net = net.to(device)
-    optimizer = instantiate(cfg.optimizer)(params=net.parameters())
+    optimizer = optimizer_factory(params=net.parameters())
     scheduler, interval = None, "epoch"
-    if cfg.get("scheduler"):
+    if scheduler_factory is not None:
         steps = max_epochs * train_length
-        scheduler, interval = build_scheduler(instantiate(cfg.scheduler), optimizer, total_steps=lambda: steps)
+        scheduler, interval = build_scheduler(scheduler_factory, optimizer, total_steps=lambda: steps)
     criterion = build_loss(cfg)
 
     def metrics() -> dict:  # accuracy on class scores, the loss on the net's raw outputs
@@ -153,7 +125,12 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
         return y_pred.detach(), y
 
     trainer = create_supervised_trainer(
-        net, optimizer, criterion, device=device, output_transform=output, prepare_batch=_prepare_batch(dm),
+        net,
+        optimizer,
+        criterion,
+        device=device,
+        output_transform=output,
+        prepare_batch=_prepare_batch(dm),
     )
     for name, metric in metrics().items():
         metric.attach(trainer, name)
@@ -170,18 +147,25 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
     if not fast_dev_run:
         tb = TensorboardLogger(log_dir=str(out_dir / "tensorboard"))
         write_hparams_summary(tb.writer, flat_hparams(cfg), HPARAM_METRICS)
-        tb.attach_output_handler(trainer, Events.EPOCH_COMPLETED, tag="train", metric_names=["loss", "acc"],
-                                 global_step_transform=step)
-        tb.attach_output_handler(evaluator, Events.COMPLETED, tag="val", metric_names=["loss", "acc"],
-                                 global_step_transform=step)
+        tb.attach_output_handler(
+            trainer, Events.EPOCH_COMPLETED, tag="train", metric_names=["loss", "acc"], global_step_transform=step
+        )
+        tb.attach_output_handler(
+            evaluator, Events.COMPLETED, tag="val", metric_names=["loss", "acc"], global_step_transform=step
+        )
 
         checkpoints = DiskSaver(str(out_dir / "checkpoints"), require_empty=True)
         to_save = {"model": net, "optimizer": optimizer, "trainer": trainer}
-        best_ckpt = Checkpoint({"model": net}, checkpoints, filename_prefix="best", n_saved=1,
-                               score_function=lambda e: e.state.metrics["acc"], score_name="val_acc",
-                               global_step_transform=step)
-        last_ckpt = Checkpoint(to_save, checkpoints, filename_prefix="last", n_saved=1,
-                               global_step_transform=step)
+        best_ckpt = Checkpoint(
+            {"model": net},
+            checkpoints,
+            filename_prefix="best",
+            n_saved=1,
+            score_function=lambda e: e.state.metrics["acc"],
+            score_name="val_acc",
+            global_step_transform=step,
+        )
+        last_ckpt = Checkpoint(to_save, checkpoints, filename_prefix="last", n_saved=1, global_step_transform=step)
 
     if scheduler is not None and interval == "step":
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
@@ -223,7 +207,9 @@ def fit_ignite(cfg: DictConfig, dm, net: nn.Module, epoch_seconds: list[float] |
 
     if cfg.get("test", True):
         if best_ckpt is not None:  # fast_dev_run kept none: the last weights, as Lightning
-            Checkpoint.load_objects({"model": net}, torch.load(best_ckpt.last_checkpoint, map_location=device, weights_only=True))
+            Checkpoint.load_objects(
+                {"model": net}, torch.load(best_ckpt.last_checkpoint, map_location=device, weights_only=True)
+            )
         dm.setup("test")
         tester = create_supervised_evaluator(net, metrics=metrics(), device=device)
         tester.logger.setLevel(logging.WARNING)

@@ -1,0 +1,78 @@
+"""``src/eval.py``'s run: test a checkpoint on the test set of the data it was trained on.
+
+The checkpoint is untrusted (:mod:`mlplab.engines.checkpoints`, :mod:`mlplab.trust`): its
+stored config is built only after its targets were checked, and its weights must fit the
+net and be finite. Machine-specific data settings (``data_dir``, batch sizes) come from the
+command line.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from mlplab.config import validate_ckpt_path, validate_hardware, validate_trainer
+from mlplab.engines.build import (
+    _instantiate_group,
+    build_datamodule,
+    build_loss,
+    build_net,
+    build_trainer,
+    check_targets,
+)
+from mlplab.engines.checkpoints import (
+    check_checkpoint_fits,
+    load_checkpoint,
+    load_checkpoint_config,
+)
+from mlplab.engines.lightning import (
+    as_floats,
+    lightning_warnings_filtered,
+    profiler_kwargs,
+)
+from mlplab.engines.run import denormals, load_data, report
+from mlplab.hparams import flat_hparams, log_hparams
+from mlplab.lightning_ext.fastpath import trim_dispatch
+from mlplab.models import Classifier
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Test a checkpoint on the test set of the data it was trained on."""
+    with denormals(cfg), lightning_warnings_filtered():
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: DictConfig) -> dict[str, float]:
+    ckpt_path = validate_ckpt_path("ckpt_path", cfg.get("ckpt_path"))
+    validate_trainer(cfg)
+    check_targets(cfg)
+    validate_hardware(cfg)
+    ckpt = load_checkpoint(ckpt_path)
+    stored = OmegaConf.create(load_checkpoint_config(ckpt_path, ckpt))
+    data_cfg = stored.data
+    # Machine-specific data settings (data_dir, batch sizes) come from this command line.
+    for key, value in (cfg.get("data") or {}).items():
+        if key in data_cfg:
+            data_cfg[key] = value
+    dm = build_datamodule(data_cfg)
+    dm.check_available()
+    net = build_net(stored.model, dm)
+    load_data(dm)
+    loss = build_loss(stored)
+    check_checkpoint_fits(ckpt_path, Classifier(net=net, num_classes=dm.num_classes, loss=loss), ckpt)
+    del ckpt
+    model = Classifier.load_from_checkpoint(ckpt_path, map_location="cpu", net=net, loss=loss, weights_only=True)
+
+    loggers = _instantiate_group(cfg.get("logger"), "logger")
+    trainer: L.Trainer = build_trainer(
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=_instantiate_group(cfg.get("callbacks"), "callbacks"),
+        **profiler_kwargs(cfg),
+    )
+    trim_dispatch(trainer, model)
+    log_hparams(loggers, flat_hparams(stored), metrics=("test/acc", "test/loss"))
+    trainer.test(model, datamodule=dm, verbose=False)
+    metrics = as_floats(trainer.callback_metrics)
+    report(metrics, cfg)
+    return metrics

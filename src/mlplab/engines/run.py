@@ -1,0 +1,116 @@
+"""``src/train.py``'s run: one pipeline, whichever engine trains.
+
+    validate -> seed -> build (data, net) -> engine.fit -> report
+
+Data flows one way: config -> DataModule (knows ``input_dim``, ``num_classes``,
+``class_names``; its data is read and checked here, before any output exists) -> net
+sized from it -> the engine. An engine (``engine=lightning|ignite|numpy``) is a module of
+this package with ``fit(cfg, dm, net, ckpt_path) -> metrics``; ``model=numpy_mlp`` sets
+``engine=numpy``, the only engine that trains it. The run record (``run.json``) is written
+around this by :func:`mlplab.cli.run_job`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from typing import Iterator
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from mlplab.config import validate_hardware, validate_train_config
+from mlplab.data import TensorDataModule
+from mlplab.engines.build import build_datamodule, build_net
+from mlplab.errors import ConfigError
+from mlplab.lean import denormals_flushed, reuse_freed_memory
+from mlplab.numpy_net import NumpyMLP
+from mlplab.rundir import resume_checkpoint
+
+log = logging.getLogger(__name__)
+
+#: ``engine=`` options: each a module ``mlplab.engines.<name>`` with ``fit(cfg, dm, net, ckpt_path)``.
+ENGINES = ("lightning", "ignite", "numpy")
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train, test the best checkpoint, and return ``cfg.optimized_metric`` (for sweepers)."""
+    metrics = fit(cfg)
+    metric_name = cfg.get("optimized_metric")
+    return metrics.get(metric_name) if metric_name else None
+
+
+def fit(cfg: DictConfig) -> dict[str, float]:
+    """Train, test the best checkpoint; returns every final metric and ``epochs`` (epochs completed)."""
+    with denormals(cfg):
+        validate_train_config(cfg)
+        validate_hardware(cfg)
+        engine = engine_name(cfg)
+        ckpt_path = resume_checkpoint(cfg)
+        reuse_freed_memory()
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+        dm = build_datamodule(cfg.data)
+        dm.check_available()
+        net = build_net(cfg.model, dm)
+        check_engine_trains(engine, net)
+        load_data(dm)
+        metrics = importlib.import_module(f"mlplab.engines.{engine}").fit(cfg, dm, net, ckpt_path)
+        report(metrics, cfg)
+        return metrics
+
+
+def engine_name(cfg: DictConfig) -> str:
+    engine = cfg.get("engine", "lightning")
+    if engine not in ENGINES:
+        raise ConfigError(f"engine={engine!r} is invalid; allowed: {', '.join(ENGINES)}")
+    return engine
+
+
+def check_engine_trains(engine: str, net: object) -> None:
+    """The NumPy net trains with the NumPy engine only, and that engine trains nothing else."""
+    if isinstance(net, NumpyMLP) != (engine == "numpy"):
+        raise ConfigError(
+            f"engine={engine} cannot train {type(net).__name__}; allowed: model=numpy_mlp with engine=numpy "
+            "(which that model sets), any other model with engine=lightning or engine=ignite"
+        )
+
+
+def load_data(dm: TensorDataModule) -> None:
+    """Read, check and split the data before any logger or output exists: bad data leaves nothing.
+
+    (A Trainer's own ``setup`` call then only moves the tensors to its device.)
+    """
+    dm.prepare_data()
+    dm.setup("fit")
+
+
+@contextlib.contextmanager
+def denormals(cfg: DictConfig) -> Iterator[None]:
+    """``flush_denormal=true`` (the default): denormal floats flushed to zero on the CPU for
+    the run (:func:`mlplab.lean.denormals_flushed`), from before its first torch computation."""
+    flush = cfg.get("flush_denormal", True)
+    if not isinstance(flush, bool):
+        raise ConfigError(f"flush_denormal={flush!r} is invalid; allowed: true, false")
+    with denormals_flushed(flush) as everywhere:
+        if everywhere is False:
+            log.info(
+                "flush_denormal: only the main thread flushes denormal floats; torch's worker threads were started "
+                "before this run (by an earlier computation in this process) and keep them, which can slow CPU "
+                "training (docs: Speed); call mlplab.lean.flush_denormals() before any torch computation to "
+                "cover them"
+            )
+        yield
+
+
+def _summary(metrics: dict[str, float], output_dir: str | None) -> str:
+    shown = [f"{k}={metrics[k]:.4f}" for k in ("test/acc", "val/acc_best", "test/loss") if k in metrics]
+    return "  ".join(shown) + (f"  (output: {output_dir})" if output_dir else "")
+
+
+@rank_zero_only
+def report(metrics: dict[str, float], cfg: DictConfig) -> None:
+    """The run's one result line: ``test/acc=...  val/acc_best=...  test/loss=...  (output: <dir>)``."""
+    print(_summary(metrics, OmegaConf.select(cfg, "paths.output_dir", default=None)), flush=True)

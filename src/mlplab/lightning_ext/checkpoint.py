@@ -1,0 +1,139 @@
+"""Lightning's ModelCheckpoint with ``last.ckpt`` at every epoch end, linked where it can be.
+
+It overrides private members of Lightning's class, so it lives here; outside the verified
+Lightning versions it is Lightning's own ``ModelCheckpoint`` (``last.ckpt`` as that version
+writes it; ``resume=`` then continues from it all the same).
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
+from torch import Tensor
+
+from mlplab.atomic import atomic_link
+from mlplab.lightning_ext import supported
+
+
+class ModelCheckpoint(_LightningModelCheckpoint):
+    """:class:`lightning.pytorch.callbacks.ModelCheckpoint` (same arguments), with two
+    changes to ``save_last=True``:
+
+    - **``last.ckpt`` is the last completed epoch** (or validation). Since Lightning 2.6,
+      ``last.ckpt`` is written only when a top-k checkpoint was saved at the same step:
+      with ``save_top_k=1`` only when the monitored metric improved, so ``resume=`` would
+      go back to the best epoch, not the last one. Here it is written at every epoch end
+      that saves (Lightning's behaviour before 2.6).
+    - **No second dump of the same state.** When the epoch has just saved a top-k
+      checkpoint, ``last.ckpt`` becomes a hard link to that file instead of a second
+      serialisation (a few ms an epoch on a CPU). The two dumps would differ only in
+      this callback's ``last_model_path``, so that is set to the last path *before* the
+      top-k save: the top-k file is byte for byte what the second dump would have written.
+      The link is made atomically (:func:`mlplab.atomic.atomic_link`: a fresh temporary
+      name, then rename) like every checkpoint here; a later epoch replaces ``last.ckpt``
+      by a new file and leaves the top-k file alone, and deleting either name leaves the
+      other whole. (Lightning's
+      ``save_last="link"`` links to the newest top-k file even when it is an older
+      epoch's, which cannot resume.)
+
+    The link falls back to a normal save where it would not give the same files: a
+    ``last`` name that changes between saves, a ``last.ckpt`` left there by something
+    else, or a filesystem without hard links.
+    """
+
+    _link_source: str | None = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        due = self._last_due(trainer, at_train_epoch_end=True)
+        super().on_train_epoch_end(trainer, pl_module)
+        self._save_last_if_skipped(trainer, due)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        due = self._last_due(trainer, at_train_epoch_end=False)
+        super().on_validation_end(trainer, pl_module)
+        self._save_last_if_skipped(trainer, due)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning 2.6 writes last.ckpt here even under fast_dev_run, which keeps no checkpoint.
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Stored checkpoint paths are read as names inside this callback's ``dirpath``.
+
+        A run dir that was moved or copied resumes as if it had not moved (Lightning would
+        drop ``last_model_path`` and write ``last-v1.ckpt`` beside a stale ``last.ckpt``),
+        and a tampered checkpoint cannot point the top-k bookkeeping -- which deletes files
+        -- at a path outside this run's checkpoints.
+        """
+        if self.dirpath:
+            state_dict = {**state_dict, "dirpath": self.dirpath}
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                state_dict[key] = self._inside(state_dict.get(key))
+            best_k = state_dict.get("best_k_models")
+            if isinstance(best_k, dict):
+                state_dict["best_k_models"] = {self._inside(k): v for k, v in best_k.items() if self._inside(k)}
+        super().load_state_dict(state_dict)
+
+    def _inside(self, path: object) -> str:
+        """``dirpath/<name>`` for a stored ``.../<name>.ckpt`` path, else ""."""
+        name = os.path.basename(path) if isinstance(path, str) else ""
+        if not name.endswith(".ckpt") or name.startswith("."):
+            return ""
+        return os.path.join(self.dirpath, name)
+
+    def _last_due(self, trainer: L.Trainer, at_train_epoch_end: bool) -> bool:
+        """Whether this hook is the one where Lightning's epoch-end saving happens."""
+        return (
+            supported()
+            and self.save_last is True
+            and not self._should_skip_saving_checkpoint(trainer)
+            and self._should_save_on_train_epoch_end(trainer) == at_train_epoch_end
+        )
+
+    def _save_last_if_skipped(self, trainer: L.Trainer, due: bool) -> None:
+        """Save ``last`` if the epoch end was due and Lightning left it out (no top-k save)."""
+        saved_now = (
+            self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved == self.last_model_path
+        )
+        if due and not saved_now:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
+        self._link_source = None
+        last = self._fixed_last_path(trainer, monitor_candidates) if supported() else None
+        if last is None:
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+            return
+        self.last_model_path = last  # what Lightning's own last save records in the state
+        saved_before = (self._last_checkpoint_saved, self._last_global_step_saved)
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        if (self._last_checkpoint_saved, self._last_global_step_saved) != saved_before:
+            self._link_source = self._last_checkpoint_saved
+
+    def _fixed_last_path(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> str | None:
+        """The ``last`` path, if linking to it gives exactly Lightning's files; else None."""
+        if self.save_last is not True:
+            return None
+        last = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+        if self.last_model_path == last or (not self.last_model_path and not self.file_exists(last, trainer)):
+            return last
+        return None
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
+        source, self._link_source = self._link_source, None
+        if source is None or source == self.last_model_path:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+            return
+        linked = True
+        if trainer.is_global_zero:
+            try:
+                atomic_link(source, self.last_model_path)
+            except OSError:
+                linked = False
+        if trainer.strategy.broadcast(linked):
+            self._last_checkpoint_saved = self.last_model_path
+        else:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
