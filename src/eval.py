@@ -1,9 +1,13 @@
 """Evaluate a checkpoint on its test set: ``python src/eval.py ckpt_path=PATH``."""
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from mlplab.cli import prepare_argv, register_resolvers, run_job, set_project_root
+from mlplab.commandline import check_command_line
 from mlplab.engines import evaluate
 
 set_project_root(__file__)
@@ -17,4 +21,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     prepare_argv()
+    check_command_line(sys.argv, "eval", Path(__file__).resolve().parents[1] / "conf")  # Hydra's refusals, one line
     main()

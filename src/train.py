@@ -4,11 +4,13 @@ See ``python src/train.py --help`` and README.md.
 """
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from mlplab.cli import expand_resume, prepare_argv, register_resolvers, run_job, set_project_root
+from mlplab.commandline import check_command_line
 from mlplab.engines import fit
 
 set_project_root(__file__)
@@ -24,4 +26,5 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     sys.argv = expand_resume(sys.argv)  # resume=<run dir>: that run's config, in that dir
     prepare_argv()
+    check_command_line(sys.argv, "train", Path(__file__).resolve().parents[1] / "conf")  # Hydra's refusals, one line
     main()
