@@ -435,3 +435,33 @@ def test_ddp_cpu_writes_one_run_dir(tmp_path: Path) -> None:
     dm.setup()
     steps_per_epoch = math.ceil(math.ceil(len(dm.data_train) / 2) / dm.batch_size)
     assert [s for s, _ in scalars["val/acc"]] == [steps_per_epoch - 1, 2 * steps_per_epoch - 1]
+
+
+def test_the_console_says_what_runs_where_and_nothing_else(digits_runs: dict) -> None:
+    """The first line says what is trained on what, on which device, and where the run dir is;
+    Lightning's accelerator report, tips and 'stopped' line are gone."""
+    train_proc = digits_runs["procs"][0]
+    _check_ok(train_proc)
+    [(train_acc, run_dir)] = _summaries(train_proc.stdout)
+    first = next(line for line in train_proc.stdout.splitlines() if line.strip())
+    assert re.fullmatch(
+        r"train: MLP \([\d,]+ parameters, [\d.]+ MB\) on data=digits \(1,213 train / 135 val / 449 test\) "
+        rf"with engine=lightning on the cpu; run dir: {re.escape(str(run_dir))}",
+        first,
+    ), first
+    console = train_proc.stdout + train_proc.stderr
+    for noise in ("GPU available", "TPU available", "Tip:", "`Trainer.fit` stopped", "| Name"):
+        assert noise not in console, noise
+
+    # eval.py takes the run dir and tests its best checkpoint, saying which file.
+    tmp = digits_runs["tmp"]
+    proc = run_cli(
+        "eval", [f"ckpt_path={run_dir}", "trainer=cpu", f"paths.log_dir={tmp / 'eval-run-dir'}"], cwd=tmp, env=_env(tmp)
+    )
+    _check_ok(proc)
+    first = next(line for line in proc.stdout.splitlines() if line.strip())
+    best = next((run_dir / "checkpoints").glob("epoch_*.ckpt"))
+    assert first.startswith(f"eval: {best} (the run's best checkpoint): MLP ("), first
+    assert " on data=digits (1,213 train / 135 val / 449 test) on the cpu; run dir: " in first
+    [(eval_acc, _)] = _summaries(proc.stdout)
+    assert eval_acc == train_acc

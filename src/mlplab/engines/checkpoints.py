@@ -103,3 +103,27 @@ def load_checkpoint_config(ckpt_path: Path, ckpt: dict | None = None) -> dict:
         raise CheckpointError(f"ckpt_path={ckpt_path} is not an mlplab checkpoint (no stored run config)")
     check_stored_config(config, f"ckpt_path={ckpt_path}")
     return config
+
+
+def best_checkpoint_of(run_dir: Path) -> Path | None:
+    """The best checkpoint of a run dir: the file its ModelCheckpoint recorded as best (read from
+    ``last.ckpt``, a name inside ``checkpoints/`` only), else its one ``epoch_*.ckpt``, else ``last.ckpt``."""
+    checkpoints = run_dir / "checkpoints"
+    if not checkpoints.is_dir():
+        return None
+    last = checkpoints / "last.ckpt"
+    try:
+        state = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {})
+    except Exception:
+        state = {}
+    for key, value in state.items() if isinstance(state, dict) else ():
+        best = (
+            value.get("best_model_path") if str(key).startswith("ModelCheckpoint") and isinstance(value, dict) else None
+        )
+        name = Path(best).name if isinstance(best, str) and best else ""
+        if name.endswith(".ckpt") and not name.startswith(".") and (checkpoints / name).is_file():
+            return checkpoints / name
+    epochs = sorted(checkpoints.glob("epoch_*.ckpt"))
+    if len(epochs) == 1:
+        return epochs[0]
+    return last if last.is_file() else None

@@ -8,6 +8,8 @@ command line.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,6 +23,7 @@ from mlplab.engines.build import (
     check_targets,
 )
 from mlplab.engines.checkpoints import (
+    best_checkpoint_of,
     check_checkpoint_fits,
     load_checkpoint,
     load_checkpoint_config,
@@ -30,7 +33,8 @@ from mlplab.engines.lightning import (
     lightning_warnings_filtered,
     profiler_kwargs,
 )
-from mlplab.engines.run import denormals, load_data, report
+from mlplab.engines.run import announce, denormals, describe_data, describe_net, load_data, report
+from mlplab.errors import CheckpointError
 from mlplab.hparams import flat_hparams, log_hparams
 from mlplab.lightning_ext.fastpath import trim_dispatch
 from mlplab.models import Classifier
@@ -43,7 +47,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def _evaluate(cfg: DictConfig) -> dict[str, float]:
-    ckpt_path = validate_ckpt_path("ckpt_path", cfg.get("ckpt_path"))
+    given = cfg.get("ckpt_path")
+    run_dir = Path(str(given)).expanduser() if given is not None else None
+    best = best_checkpoint_of(run_dir) if run_dir is not None and run_dir.is_dir() else None
+    if run_dir is not None and run_dir.is_dir() and best is None:
+        raise CheckpointError(
+            f"ckpt_path={given} is a folder without checkpoints/*.ckpt; allowed: a run dir or the path of a .ckpt file"
+        )
+    ckpt_path = validate_ckpt_path("ckpt_path", best if best is not None else given)
     validate_trainer(cfg)
     check_targets(cfg)
     validate_hardware(cfg)
@@ -58,6 +69,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     dm.check_available()
     net = build_net(stored.model, dm)
     load_data(dm)
+    which = f"{ckpt_path} (the run's best checkpoint)" if best is not None else str(ckpt_path)
+    announce("eval", f"{which}: {describe_net(net)} on {describe_data(stored, dm)}", cfg)
     loss = build_loss(stored)
     check_checkpoint_fits(ckpt_path, Classifier(net=net, num_classes=dm.num_classes, loss=loss), ckpt)
     del ckpt

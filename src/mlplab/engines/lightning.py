@@ -58,13 +58,36 @@ _NOT_APPLICABLE = (
 )
 
 
+#: Lightning's console lines that tell a user nothing about their run: the accelerators it did
+#: not use, advertising tips, and the expected end of fitting.
+_NOISE = (
+    "GPU available:",
+    "TPU available:",
+    "HPU available:",
+    "\U0001f4a1 Tip:",
+    "`Trainer.fit` stopped: `max_epochs=",
+)
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_NOISE)
+
+
 @contextlib.contextmanager
 def lightning_warnings_filtered() -> Iterator[None]:
-    """Lightning's hints that do not apply here, silenced for the run only (no process-wide filter)."""
-    with warnings.catch_warnings():
-        for pattern in _NOT_APPLICABLE:
-            warnings.filterwarnings("ignore", message=pattern)
-        yield
+    """Lightning's hints that do not apply here and its console noise, silenced for the run only
+    (no process-wide filter): the console says what mlplab does, in its own lines."""
+    noise = _DropNoise()
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addFilter(noise)
+    try:
+        with warnings.catch_warnings():
+            for pattern in _NOT_APPLICABLE:
+                warnings.filterwarnings("ignore", message=pattern)
+            yield
+    finally:
+        logger.removeFilter(noise)
 
 
 def as_floats(metrics: dict[str, Any]) -> dict[str, float]:

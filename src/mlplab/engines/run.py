@@ -18,6 +18,7 @@ import logging
 from typing import Iterator
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,6 +26,7 @@ from mlplab.config import validate_hardware, validate_train_config
 from mlplab.data import TensorDataModule
 from mlplab.engines.build import build_datamodule, build_net
 from mlplab.errors import ConfigError
+from mlplab.groups import CONF_DIR, group_options
 from mlplab.lean import denormals_flushed, reuse_freed_memory
 from mlplab.numpy_net import NumpyMLP
 from mlplab.rundir import resume_checkpoint
@@ -57,6 +59,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         net = build_net(cfg.model, dm)
         check_engine_trains(engine, net)
         load_data(dm)
+        announce("train", f"{describe_net(net)} on {describe_data(cfg, dm)} with engine={engine}", cfg)
         metrics = importlib.import_module(f"mlplab.engines.{engine}").fit(cfg, dm, net, ckpt_path)
         report(metrics, cfg)
         return metrics
@@ -76,6 +79,54 @@ def check_engine_trains(engine: str, net: object) -> None:
             f"engine={engine} cannot train {type(net).__name__}; allowed: model=numpy_mlp with engine=numpy "
             "(which that model sets), any other model with engine=lightning or engine=ignite"
         )
+
+
+def describe_net(net: object) -> str:
+    """``MLP (50,570 parameters, 0.2 MB)``."""
+    params = sum(p.numel() for p in net.parameters()) if isinstance(net, torch.nn.Module) else None
+    if params is None and isinstance(net, NumpyMLP):
+        params = sum(w.size + (b.size if b is not None else 0) for w, b in zip(net.weights, net.biases))
+    size = f", {params * 4 / 1e6:.1f} MB" if isinstance(net, torch.nn.Module) else ""
+    return f"{type(net).__name__} ({params:,} parameters{size})" if params is not None else type(net).__name__
+
+
+def describe_data(cfg: DictConfig, dm: TensorDataModule) -> str:
+    """``data=digits (1,213 train / 135 val / 449 test)``."""
+    choice = OmegaConf.select(cfg, "hydra.runtime.choices.data", default=None)
+    if choice is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get("data") if HydraConfig.initialized() else None
+    if choice is None:  # a stored config (eval.py): the data option whose class it names
+        target = OmegaConf.select(cfg, "data._target_", default=None)
+        choice = next((o for o in group_options("data") if _option_target("data", o) == target), None)
+    name = f"data={choice}" if choice else type(dm).__name__
+    sizes = [len(ds) if ds is not None else 0 for ds in (dm.data_train, dm.data_val, dm.data_test)]
+    return f"{name} ({sizes[0]:,} train / {sizes[1]:,} val / {sizes[2]:,} test)"
+
+
+def _option_target(group: str, option: str) -> str | None:
+    try:
+        return OmegaConf.load(CONF_DIR / group / f"{option}.yaml").get("_target_")
+    except Exception:
+        return None
+
+
+def device_words(cfg: DictConfig) -> str:
+    """``the cpu``, ``cuda x 4 (ddp)``: where ``trainer`` runs."""
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    many = devices not in (1, "1", None)
+    return f"{accelerator} x {devices}" if many else ("the cpu" if accelerator == "cpu" else accelerator)
+
+
+@rank_zero_only
+def announce(task: str, what: str, cfg: DictConfig) -> None:
+    """The run's first line: what is trained (or tested) on what, on which device, and where it writes."""
+    out = OmegaConf.select(cfg, "paths.output_dir", default=None)
+    print(f"{task}: {what} on {device_words(cfg)}" + (f"; run dir: {out}" if out else ""), flush=True)
 
 
 def load_data(dm: TensorDataModule) -> None:
