@@ -28,9 +28,10 @@ RAW_NAMES = (
     "t10k-images-idx3-ubyte.gz",
     "t10k-labels-idx1-ubyte.gz",
 )
-# Real MNIST / Fashion-MNIST raw files (read-only; tests copy them). CI sets this and
-# MLPLAB_REQUIRE_REAL_DATA=1 so that missing files fail instead of skipping.
-SHARED_DATA = Path(os.environ.get("MLPLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
+# Real MNIST / Fashion-MNIST raw files, in torchvision's layout (<dir>/MNIST/raw/*.gz): the
+# folder MLPLAB_DATA_DIR names, as for users, else ../shared/data beside the clone. Read-only;
+# tests copy them. CI sets MLPLAB_REQUIRE_REAL_DATA=1 so that missing files fail, not skip.
+SHARED_DATA = Path(os.environ.get("MLPLAB_DATA_DIR") or REPO.parent / "shared" / "data")
 
 register_resolvers()
 
@@ -111,7 +112,10 @@ def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if not (SHARED_DATA / d / "raw" / n).is_file()
     ]
     if missing:
-        msg = f"real MNIST/Fashion-MNIST files not found under {SHARED_DATA} (set MLPLAB_SHARED_DATA): missing {missing[0]} ..."
+        msg = (
+            f"real MNIST/Fashion-MNIST files not found under {SHARED_DATA} (set MLPLAB_DATA_DIR to a folder "
+            f"holding MNIST/raw/ and FashionMNIST/raw/): missing {missing[0]} ..."
+        )
         if os.environ.get("MLPLAB_REQUIRE_REAL_DATA") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
