@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import os
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,11 @@ RAW_NAMES = (
 # folder MLPLAB_DATA_DIR names, as for users, else ../shared/data beside the clone. Read-only;
 # tests copy them. CI sets MLPLAB_REQUIRE_REAL_DATA=1 so that missing files fail, not skip.
 SHARED_DATA = Path(os.environ.get("MLPLAB_DATA_DIR") or REPO.parent / "shared" / "data")
+# No test writes into that folder (a user's, or CI's read-only copy, writable to root): runs
+# that name no data dir of their own get an empty one of the session's.
+_SESSION_DATA = tempfile.mkdtemp(prefix="mlplab-test-data-")
+atexit.register(shutil.rmtree, _SESSION_DATA, True)
+os.environ["MLPLAB_DATA_DIR"] = _SESSION_DATA
 
 register_resolvers()
 
