@@ -8,7 +8,8 @@ pool that train and validation are split from. Files live in torchvision's layou
 2. else the ``.gz`` archives found there are extracted next to them (no network);
 3. else, with ``download=True``, torchvision downloads them (its real download path, which
    checks each archive's md5) into a temporary folder, moved into place only when complete;
-4. else one :class:`~mlplab.errors.DataError` names the missing files and where to put them.
+4. else one :class:`~mlplab.errors.DataError` names the missing files, where to put them
+   (``MLPLAB_DATA_DIR`` or ``data.data_dir``) and, after a failed download, its reason.
 
 Nothing half-written ever passes for good: an archive is decompressed in memory and written
 through :func:`mlplab.atomic.atomic_write_bytes` (a fresh temporary file, renamed when
