@@ -63,7 +63,6 @@ def find_mnist() -> Path | None:
     """A data dir holding MNIST/raw (real files), or None."""
     for root in (
         os.environ.get("MLPLAB_DATA_DIR"),
-        os.environ.get("MLPLAB_SHARED_DATA"),
         REPO.parent / "shared" / "data",
         Path.home() / ".cache" / "mlplab" / "data",
     ):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import os
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +30,15 @@ RAW_NAMES = (
     "t10k-images-idx3-ubyte.gz",
     "t10k-labels-idx1-ubyte.gz",
 )
-# Real MNIST / Fashion-MNIST raw files (read-only; tests copy them). CI sets this and
-# MLPLAB_REQUIRE_REAL_DATA=1 so that missing files fail instead of skipping.
-SHARED_DATA = Path(os.environ.get("MLPLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
+# Real MNIST / Fashion-MNIST raw files, in torchvision's layout (<dir>/MNIST/raw/*.gz): the
+# folder MLPLAB_DATA_DIR names, as for users, else ../shared/data beside the clone. Read-only;
+# tests copy them. CI sets MLPLAB_REQUIRE_REAL_DATA=1 so that missing files fail, not skip.
+SHARED_DATA = Path(os.environ.get("MLPLAB_DATA_DIR") or REPO.parent / "shared" / "data")
+# No test writes into that folder (a user's, or CI's read-only copy, writable to root): runs
+# that name no data dir of their own get an empty one of the session's.
+_SESSION_DATA = tempfile.mkdtemp(prefix="mlplab-test-data-")
+atexit.register(shutil.rmtree, _SESSION_DATA, True)
+os.environ["MLPLAB_DATA_DIR"] = _SESSION_DATA
 
 register_resolvers()
 
@@ -111,7 +119,10 @@ def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if not (SHARED_DATA / d / "raw" / n).is_file()
     ]
     if missing:
-        msg = f"real MNIST/Fashion-MNIST files not found under {SHARED_DATA} (set MLPLAB_SHARED_DATA): missing {missing[0]} ..."
+        msg = (
+            f"real MNIST/Fashion-MNIST files not found under {SHARED_DATA} (set MLPLAB_DATA_DIR to a folder "
+            f"holding MNIST/raw/ and FashionMNIST/raw/): missing {missing[0]} ..."
+        )
         if os.environ.get("MLPLAB_REQUIRE_REAL_DATA") == "1":
             pytest.fail(msg)
         pytest.skip(msg)

@@ -14,7 +14,10 @@ import gzip
 import io
 import os
 import shutil
+import socket
 import struct
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +163,83 @@ def test_an_interrupted_download_leaves_nothing_that_passes_for_good(tmp_path, m
     offline = MNISTDataModule(data_dir=str(tmp_path), download=False)
     with pytest.raises(DataError, match=r"MNIST files missing in .*train-images-idx3-ubyte.gz"):
         offline.prepare_data()
+
+
+# -- missing files: where to point mlplab, and why the download failed ---------------------------
+
+POINT_AT = (
+    "put them there, or point mlplab at a folder holding MNIST/raw/ with MLPLAB_DATA_DIR=<folder> "
+    "(or data.data_dir=<folder>)"
+)
+NO_NETWORK = "<urlopen error [Errno -3] Temporary failure in name resolution>"
+
+
+def _no_network(*_args, **_kwargs):
+    raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+
+
+def _missing(root: Path) -> str:
+    return f"MNIST files missing in {root / 'MNIST' / 'raw'}: {', '.join(RAW_GZ)}"
+
+
+def test_missing_files_offline_name_mlplab_data_dir_and_the_download_switch(tmp_path):
+    dm = MNISTDataModule(data_dir=str(tmp_path), download=False)
+    with pytest.raises(DataError) as info:
+        dm.prepare_data()
+    assert str(info.value) == f"{_missing(tmp_path)}; {POINT_AT}, or set data.download=true with network access"
+
+
+def test_a_failed_download_gives_its_reason_and_does_not_suggest_download(tmp_path, monkeypatch):
+    """torchvision's own download (each mirror tried) without a network: its RuntimeError's
+    first line is only "Error downloading train-images-idx3-ubyte.gz:", the reason is below."""
+    monkeypatch.setattr(urllib.request, "urlopen", _no_network)
+    dm = MNISTDataModule(data_dir=str(tmp_path), download=True)
+    with pytest.raises(DataError) as info:
+        dm.prepare_data()
+    assert str(info.value) == (
+        f"{_missing(tmp_path)}; {POINT_AT}; the download failed (train-images-idx3-ubyte.gz: {NO_NETWORK})"
+    )
+    assert list((tmp_path / "MNIST").iterdir()) == [tmp_path / "MNIST" / "raw"]  # no temporary folder left
+
+
+def test_a_download_error_without_a_message_gives_its_cause(tmp_path, monkeypatch):
+    def wrapped(self):
+        try:
+            _no_network()
+        except urllib.error.URLError as err:
+            raise RuntimeError() from err
+
+    monkeypatch.setattr(MNIST, "download", wrapped)
+    dm = MNISTDataModule(data_dir=str(tmp_path), download=True)
+    with pytest.raises(DataError) as info:
+        dm.prepare_data()
+    assert str(info.value).endswith(f"; {POINT_AT}; the download failed ({NO_NETWORK})")
+
+
+@pytest.mark.slow  # a CLI subprocess: about 20 s on 2 busy cores
+def test_cli_a_failed_download_is_one_line_with_its_reason(tmp_path):
+    offline = tmp_path / "offline"
+    offline.mkdir()
+    # Loaded at the subprocess's start: urllib there has no network either.
+    (offline / "sitecustomize.py").write_text(
+        "import socket, urllib.error, urllib.request\n"
+        "def _no_network(*_args, **_kwargs):\n"
+        "    raise urllib.error.URLError(socket.gaierror(-3, 'Temporary failure in name resolution'))\n"
+        "urllib.request.urlopen = _no_network\n"
+    )
+    pythonpath = os.pathsep.join(p for p in (str(offline), os.environ.get("PYTHONPATH")) if p)
+    data = tmp_path / "data"
+    proc = run_cli(
+        "train",
+        [*QUICK, "logger=none", "data=mnist", f"paths.log_dir={tmp_path / 'logs'}"],
+        cwd=tmp_path,
+        env={"MLPLAB_ROOT": str(tmp_path), "MLPLAB_DATA_DIR": str(data), "PYTHONPATH": pythonpath},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {_missing(data)}; {POINT_AT}; the download failed (train-images-idx3-ubyte.gz: {NO_NETWORK})"
+    )
 
 
 def test_training_never_starts_on_bad_data(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ pool that train and validation are split from. Files live in torchvision's layou
 2. else the ``.gz`` archives found there are extracted next to them (no network);
 3. else, with ``download=True``, torchvision downloads them (its real download path, which
    checks each archive's md5) into a temporary folder, moved into place only when complete;
-4. else one :class:`~mlplab.errors.DataError` names the missing files and where to put them.
+4. else one :class:`~mlplab.errors.DataError` names the missing files, where to put them
+   (``MLPLAB_DATA_DIR`` or ``data.data_dir``) and, after a failed download, its reason.
 
 Nothing half-written ever passes for good: an archive is decompressed in memory and written
 through :func:`mlplab.atomic.atomic_write_bytes` (a fresh temporary file, renamed when
@@ -35,6 +36,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -166,6 +168,31 @@ def read_idx(
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).reshape(dims)
 
 
+# torchvision's MNIST.download gathers each mirror's failure into one multi-line message:
+# "Error downloading <file>:\nTried <mirror>, got:\n<reason>\n..." -- only the reasons say why.
+_TORCHVISION_FRAME = re.compile(r"^(Error downloading (?P<file>\S+?):|Tried \S+, got:)$")
+
+
+def download_failure(err: BaseException) -> str:
+    """Why a download failed, on one line: the innermost non-empty reason in ``err``'s chain.
+
+    For torchvision's summary of failed mirrors that is the file and each distinct mirror's
+    reason (``train-images-idx3-ubyte.gz: <urlopen error [Errno -3] Temporary failure in
+    name resolution>``); an exception with no message at all is named by its type.
+    """
+    chain: list[BaseException] = []
+    while err is not None and all(err is not seen for seen in chain):
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for exc in reversed(chain):
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        files = [m["file"] for m in map(_TORCHVISION_FRAME.match, lines) if m and m["file"]]
+        reasons = list(dict.fromkeys(line for line in lines if not _TORCHVISION_FRAME.match(line)))
+        if reasons:
+            return f"{files[0]}: {'; '.join(reasons)}" if files else "; ".join(reasons)
+    return type(chain[-1]).__name__
+
+
 class TorchvisionIDXDataModule(TensorDataModule):
     """Shared code for torchvision's IDX-file datasets (MNIST layout)."""
 
@@ -205,10 +232,12 @@ class TorchvisionIDXDataModule(TensorDataModule):
 
     def _missing_message(self, missing: list[str]) -> str:
         name = self.dataset_cls.__name__
-        return (
-            f"{name} files missing in {self.raw_folder}: {', '.join(missing)}; put them there "
-            f"(or set data.data_dir to a folder holding {name}/raw/, or data.download=true with network access)"
+        msg = (
+            f"{name} files missing in {self.raw_folder}: {', '.join(missing)}; put them there, or point mlplab "
+            f"at a folder holding {name}/raw/ with MLPLAB_DATA_DIR=<folder> (or data.data_dir=<folder>)"
         )
+        # With download on, the caller adds why the download failed instead.
+        return msg if self.download else f"{msg}, or set data.download=true with network access"
 
     def check_available(self) -> None:
         missing = self.missing_files()
@@ -244,8 +273,8 @@ class TorchvisionIDXDataModule(TensorDataModule):
                 if not (self.raw_folder / archive).exists() and (fetched / archive).is_file():
                     os.replace(fetched / archive, self.raw_folder / archive)
         except Exception as err:  # no network, a mirror down, a bad md5, a read-only dir ...
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DataError(f"{self._missing_message(missing)}; the download failed ({first_line})") from None
+            reason = download_failure(err)
+            raise DataError(f"{self._missing_message(missing)}; the download failed ({reason})") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
