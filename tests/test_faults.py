@@ -266,3 +266,46 @@ def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoints(small_disk: P
     assert load_ckpt(run_dir / "checkpoints" / "epoch_000.ckpt")["epoch"] == 0
     record = runs.read_run_record(run_dir)
     assert record["status"] == "failed" and record["error"] == line.removeprefix("error: ")
+
+
+def test_threads_sets_torchs_threads_for_the_run_and_restores_them(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    import mlplab.engines.run as engines_run
+    from mlplab.errors import ConfigError
+
+    seen = []
+    original = engines_run.validate_train_config  # the run's first step, inside its settings
+    monkeypatch.setattr(
+        engines_run, "validate_train_config", lambda cfg: seen.append(torch.get_num_threads()) or original(cfg)
+    )
+    before = torch.get_num_threads()
+    train(compose_cfg([*ARGS, "test=false", "threads=1"], tmp_path / "one"))
+    assert seen == [1] and torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match=r"^threads=0 is invalid; allowed: a positive integer$"):
+        train(compose_cfg([*ARGS, "threads=0"], tmp_path / "zero"))
+    assert torch.get_num_threads() == before
+
+
+def test_between_sweep_jobs_the_handler_stays_only_in_the_entry_process(tmp_path: Path) -> None:
+    """A test (or notebook) that runs a sweep's job through run_job gets its signal handlers back."""
+    import signal
+
+    from hydra.types import RunMode
+
+    from mlplab.cli import run_job
+    from mlplab.signals import JOB
+
+    cfg = compose_cfg([*ARGS, "test=false"], tmp_path / "job")
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    hydra_cfg = HydraConfig.instance().cfg
+    OmegaConf.set_readonly(hydra_cfg, False)
+    OmegaConf.set_readonly(hydra_cfg.hydra, False)
+    with open_dict(hydra_cfg):
+        hydra_cfg.hydra.mode = RunMode.MULTIRUN  # as a sweep's job: the mode and its sweep dir
+        hydra_cfg.hydra.sweep.dir = str(tmp_path / "sweep")
+    before = signal.getsignal(signal.SIGTERM)
+    run_job(cfg, lambda cfg: {"val/acc_best": 0.5})
+    assert signal.getsignal(signal.SIGTERM) is before and not JOB.installed

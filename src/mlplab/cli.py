@@ -210,8 +210,11 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, float]]) -> 
             sys.exit(code)
 
     sweep_dir = _sweep_dir() if multirun else None
+    # Between the jobs of a sweep the handler stays, in the process Hydra's launcher runs
+    # them in (the entry script's); anywhere else (a test, a notebook) it goes with the job.
+    between_jobs = sweep_dir is not None and _is_entry_process()
     signals.JOB.install()
-    if sweep_dir is not None:
+    if between_jobs:
         signals.JOB.between_jobs = signals.stop_sweep_between_jobs(
             sweep_dir, cfg.get("optimized_metric") or "val/acc_best"
         )
@@ -249,7 +252,8 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, float]]) -> 
         return None
     finally:
         signals.JOB.end_job()
-        if sweep_dir is None:
+        if not between_jobs:
+            signals.JOB.between_jobs = None
             signals.JOB.uninstall()
     record("ok", None, dict(metrics))
     metric_name = cfg.get("optimized_metric")
@@ -282,6 +286,12 @@ def check_resumable(cfg: DictConfig, previous: dict | None) -> None:
             f"allowed: resume={cfg.resume} trainer.max_epochs=N with N > {done} to train longer, "
             f"or python src/eval.py ckpt_path={Path(str(cfg.resume)) / 'checkpoints' / 'last.ckpt'} to test it"
         )
+
+
+def _is_entry_process() -> bool:
+    """Whether this process runs ``src/train.py`` itself (not a test or notebook calling run_job)."""
+    entry = os.environ.get("MLPLAB_ENTRY")
+    return bool(entry) and Path(sys.argv[0]).resolve() == Path(entry).resolve()
 
 
 def _sweep_dir() -> Path | None:

@@ -33,7 +33,7 @@ from mlplab.engines.lightning import (
     lightning_warnings_filtered,
     profiler_kwargs,
 )
-from mlplab.engines.run import announce, denormals, describe_data, describe_net, load_data, report
+from mlplab.engines.run import announce, denormals, describe_data, describe_net, load_data, report, threads
 from mlplab.errors import CheckpointError
 from mlplab.hparams import flat_hparams, log_hparams
 from mlplab.lightning_ext.fastpath import trim_dispatch
@@ -42,7 +42,7 @@ from mlplab.models import Classifier
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test a checkpoint on the test set of the data it was trained on."""
-    with denormals(cfg), lightning_warnings_filtered():
+    with threads(cfg), denormals(cfg), lightning_warnings_filtered():
         return _evaluate(cfg)
 
 

@@ -30,6 +30,7 @@ from mlplab.groups import CONF_DIR, group_options
 from mlplab.lean import denormals_flushed, reuse_freed_memory
 from mlplab.numpy_net import NumpyMLP
 from mlplab.rundir import resume_checkpoint
+from mlplab.validation import positive_int
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def train(cfg: DictConfig) -> float | None:
 
 def fit(cfg: DictConfig) -> dict[str, float]:
     """Train, test the best checkpoint; returns every final metric and ``epochs`` (epochs completed)."""
-    with denormals(cfg):
+    with threads(cfg), denormals(cfg):
         validate_train_config(cfg)
         validate_hardware(cfg)
         engine = engine_name(cfg)
@@ -136,6 +137,26 @@ def load_data(dm: TensorDataModule) -> None:
     """
     dm.prepare_data()
     dm.setup("fit")
+
+
+@contextlib.contextmanager
+def threads(cfg: DictConfig) -> Iterator[None]:
+    """``threads=N``: torch's intra-op threads for the run (null: torch's choice, one per core).
+
+    On a busy or shared machine one thread per core oversubscribes the cores and a small
+    net's run can be many times slower; the caller's setting is restored afterwards.
+    """
+    wanted = cfg.get("threads")
+    if wanted is None:
+        yield
+        return
+    n = positive_int("threads", wanted)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
