@@ -70,7 +70,7 @@ def test_the_cli_gives_the_line_and_leaves_nothing_and_hydra_full_error_gives_hy
         proc.returncode == 2
         and proc.stderr.strip()
         == "error: modle is neither a config group nor a key; "
-        "allowed: the groups callbacks, logger, paths, trainer; the keys ckpt_path, data, flush_denormal, task_name"
+        "allowed: the groups callbacks, logger, paths, trainer; the keys ckpt_path, data, flush_denormal, task_name, threads"
     ), proc.stderr
     proc = run_cli("train", ["model=relu_mpl"], cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
     assert (
