@@ -13,6 +13,8 @@ Engines, each in its own subprocess (so peak RSS is its own):
                progress bar, checkpoints, model summary (the default callbacks)
   torchvision  ToTensor + Normalize per sample through a DataLoader with 2 workers, bare loop
   ignite       `engine=ignite`
+  mlplab-no-X  mlplab with one speed trick X removed (``--ablate`` runs them all: ABLATIONS
+               says what each removes); its ratio to mlplab in the same round is that trick's worth
 
 An epoch is one pass over the 55,000 training images plus validation on 5,000. Each case
 runs ``--epochs`` epochs: 1 warm-up, the timed ones, and a last one that is not timed either
@@ -257,6 +259,48 @@ def run_group(group: list[tuple], args, data_dir: Path, work: Path) -> dict[tupl
 
 
 # --------------------------------------------------------------------------- one case
+#: The speed tricks of mlplab's Lightning path, each with how ``mlplab-no-<name>`` removes it:
+#: config overrides, and a patch applied in the case's process before the run starts.
+ABLATIONS: dict[str, tuple[list[str], str]] = {
+    "fused": (["steps_per_call=1"], "fused steps: one optimizer step per training_step call"),
+    "direct": ([], "direct steps: fused steps stepped through Lightning's strategy and closures"),
+    "unset-hooks": ([], "hook unsetting: every no-op per-batch hook dispatched"),
+    "null-profiler": ([], "NullProfiler: Lightning's PassThroughProfiler context manager per hook call"),
+    "setattr": ([], "the __setattr__ override: nn.Module.__setattr__ for _current_fx_name"),
+    "signature": ([], "the __signature__ patch: training_step's signature computed per step"),
+    "ckpt-link": ([], "the last-checkpoint hard link: last.ckpt serialised a second time"),
+    "mallopt": ([], "mallopt: glibc's default mmap and trim thresholds"),
+    "denormals": (["flush_denormal=false"], "denormal flushing off"),
+}
+
+
+def _remove_trick(name: str) -> None:
+    """Patch one trick of :data:`ABLATIONS` out of mlplab, in this (a case's) process."""
+    import mlplab.callbacks.base
+    import mlplab.engines.lightning
+    import mlplab.engines.run
+    import mlplab.models.classifier
+    from mlplab.lightning_ext import checkpoint, fastpath
+
+    if name == "direct":
+        mlplab.models.classifier.direct_steps_possible = lambda trainer, module: False
+    elif name == "unset-hooks":
+        mlplab.callbacks.base.unset_noop_hooks = lambda *args, **kwargs: []
+        mlplab.engines.lightning.trim_dispatch = lambda trainer, module: None
+    elif name == "null-profiler":
+        del fastpath.NullProfiler.profile  # back to Profiler.profile, a @contextmanager
+    elif name == "setattr":
+        del fastpath.HookNameAttribute.__setattr__
+    elif name == "signature":
+        del mlplab.models.classifier.Classifier.training_step.__signature__
+    elif name == "ckpt-link":
+        checkpoint.ModelCheckpoint._fixed_last_path = lambda self, trainer, candidates: None
+    elif name == "mallopt":
+        mlplab.engines.run.reuse_freed_memory = lambda: False
+    elif name not in ABLATIONS:
+        raise ValueError(f"unknown trick {name!r}; known: {', '.join(ABLATIONS)}")
+
+
 def _net(model: str):
     from mlplab.models import MLP, SimpleNet
 
@@ -310,7 +354,7 @@ def run_case(
     from mlplab.lean import flush_denormals, reuse_freed_memory
 
     pacer = pacer or Pacer(None)
-    if engine != "mlplab":  # mlplab's train() does both by itself
+    if not engine.startswith("mlplab"):  # mlplab's train() does both by itself
         # Denormal floats flushed to zero before torch starts its threads, and freed memory
         # kept on the heap, as mlplab's runs do: the floor gets them too, so that the ratios
         # measure the frameworks, not denormal arithmetic or page faults (docs: Speed);
@@ -319,7 +363,10 @@ def run_case(
         reuse_freed_memory()
     torch.manual_seed(0)
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
-    if engine in ("mlplab", "ignite"):
+    trick = engine.removeprefix("mlplab-no-") if engine.startswith("mlplab-no-") else None
+    if trick:
+        _remove_trick(trick)
+    if engine.startswith("mlplab") or engine == "ignite":
         from hydra import compose, initialize_config_dir
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import open_dict
@@ -346,6 +393,7 @@ def run_case(
                     f"engine={'ignite' if engine == 'ignite' else 'lightning'}",
                     "test=false",
                     f"+callbacks.epoch_timer.out_file={timer_file}",
+                    *(ABLATIONS[trick][0] if trick else []),
                 ],
             )
         HydraConfig().set_config(cfg)
@@ -438,6 +486,11 @@ def main() -> None:
     ap.add_argument(
         "--rounds", type=int, default=3, help="run every group this many times; ratios are paired per round"
     )
+    ap.add_argument(
+        "--ablate",
+        action="store_true",
+        help="engines bare, mlplab and mlplab-no-X for every trick X (ABLATIONS): what each trick is worth",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--smoke", action="store_true", help="tiny synthetic data, 2 epochs, 1 batch size")
     ap.add_argument(
@@ -469,6 +522,8 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    if args.ablate:
+        args.engines = ["bare", "mlplab", *(f"mlplab-no-{t}" for t in ABLATIONS)]
     if args.smoke:
         args.epochs, args.batch_sizes, args.pipeline_batch, args.models, args.rounds = 2, [64], 64, ["simple_net"], 1
         args.val_size = 100
@@ -496,7 +551,7 @@ def main() -> None:
                     res["median_s"] = statistics.median(timed_epochs(res["epoch_seconds"]))
                     runs[(engine, model, bs)].append(res)
                     print(
-                        f"round {rnd + 1}: {engine:12s} {model:10s} batch {bs:4d}: {res['median_s']:7.3f} s/epoch  "
+                        f"round {rnd + 1}: {engine:24s} {model:10s} batch {bs:4d}: {res['median_s']:7.3f} s/epoch  "
                         f"peak RSS {res['peak_rss_mb']:6.0f} MB",
                         flush=True,
                     )
@@ -560,7 +615,29 @@ def render(results: list[dict], args, machine: str, data_desc: str) -> str:
                 if ml
                 else f"| {model} | {bs} | {fmt(bare)} | - | {fmt(ig)} | {fmt(tv)} | - | {ratio(ig, bare)} | - | {ratio(tv, bare)} | - |"
             )
+    if any(r["engine"].startswith("mlplab-no-") for r in results):
+        lines += ["", *render_ablation(by, args)]
     return "\n".join(lines)
+
+
+def render_ablation(by: dict, args) -> list[str]:
+    """What removing each trick costs: mlplab-no-X / mlplab, paired per round (> 1: the trick pays)."""
+    tricks = [t for t in ABLATIONS if any(e == f"mlplab-no-{t}" for e, _, _ in by)]
+    cols = [(m, bs) for m in args.models for bs in sorted({b for e, mm, b in by if mm == m and e == "mlplab"})]
+    lines = [
+        "Cost of removing each trick: seconds per epoch of mlplab without it / mlplab, paired per round "
+        "(median over rounds; 1.05 = the trick saves 5 % of an epoch).",
+        "",
+        "| trick removed | " + " | ".join(f"{m} {bs}" for m, bs in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for t in tricks:
+        cells = []
+        for m, bs in cols:
+            a, b = by.get((f"mlplab-no-{t}", m, bs)), by.get(("mlplab", m, bs))
+            cells.append(f"{paired_ratio(a, b):.3f}" if a and b else "-")
+        lines.append(f"| {t}: {ABLATIONS[t][1]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":
