@@ -187,6 +187,57 @@ def test_callback_prints_the_table_and_exits_1_if_a_job_failed(sweep_dir: Path, 
     assert main([str(sweep_dir / "missing")]) == 2
 
 
+def test_jobs_that_differ_only_in_seed_are_reported_over_seeds(tmp_path: Path) -> None:
+    """n, mean ± std and the 95 % interval (Student's t) per setting, in summary.md, summary_seeds.csv
+    and as error bars in summary.png; a failed seed is counted apart, never averaged in."""
+    sweep = tmp_path / "sweep"
+    acc = {"relu": [0.96, 0.97, 0.95], "sigmoid": [0.90, 0.94, 0.92]}
+    num = 0
+    for act, values in acc.items():
+        for seed, value in enumerate(values, 1):
+            overrides = ["data=moons", f"model.activation={act}", f"seed={seed}"]
+            metrics = {"val/acc_best": value, "test/acc": value - 0.01}
+            _job(sweep, f"{num}_{act}_{seed}", overrides, {"status": "ok", "metrics": metrics, "epochs": 3})
+            num += 1
+    _job(sweep, f"{num}_sigmoid_4", ["data=moons", "model.activation=sigmoid", "seed=4"], {"status": "failed"})
+
+    summary = write_summary(sweep)
+    settings = summary.settings()
+    assert [(s.label, len(s.rows), s.failed) for s in settings] == [
+        ("model.activation=relu", 3, 0),
+        ("model.activation=sigmoid", 4, 1),
+    ]
+    relu = settings[0].stats["val/acc_best"]
+    t_975_2 = 4.302652729911275  # Student's t, 2 degrees of freedom, 97.5 % quantile
+    assert relu.n == 3 and relu.mean == pytest.approx(0.96) and relu.std == pytest.approx(0.01)
+    assert relu.ci95 == pytest.approx((0.96 - t_975_2 * 0.01 / math.sqrt(3), 0.96 + t_975_2 * 0.01 / math.sqrt(3)))
+    sigmoid = settings[1].stats["test/acc"]
+    assert sigmoid.n == 3 and sigmoid.mean == pytest.approx(0.91) and sigmoid.std == pytest.approx(0.02)
+
+    md = (sweep / "summary.md").read_text()
+    assert "## Over seeds" in md
+    assert "| `model.activation=relu` | 3 | 0.9600 ± 0.0100 | [0.9352, 0.9848] | 0.9500 ± 0.0100 |" in md
+    assert "| `model.activation=sigmoid` | 3 (1 failed) | 0.9200 ± 0.0200 | [0.8703, 0.9697] |" in md
+
+    with (sweep / "summary_seeds.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["setting"], r["jobs"], r["failed"], r["val/acc_best n"]) for r in rows] == [
+        ("model.activation=relu", "3", "0", "3"),
+        ("model.activation=sigmoid", "4", "1", "3"),
+    ]
+    assert rows[0]["val/acc_best mean"] == "0.960000" and rows[0]["val/acc_best ci95_low"] == "0.935159"
+    assert rows[1]["job_dirs"] == "3_sigmoid_1 4_sigmoid_2 5_sigmoid_3 6_sigmoid_4"
+    image = imread(sweep / "summary.png")
+    assert image.ndim == 3 and image.shape[1] > 400
+
+    # A sweep without repeated seeds has no table over seeds and no seeds file.
+    plain = tmp_path / "plain"
+    for i, lr in enumerate((0.1, 0.2)):
+        _job(plain, f"{i}_lr", [f"lr={lr}", "seed=1"], {"status": "ok", "metrics": {"val/acc_best": 0.9}})
+    assert write_summary(plain).settings() == [] and not (plain / "summary_seeds.csv").exists()
+    assert "Over seeds" not in (plain / "summary.md").read_text()
+
+
 # -- launchers: configs -----------------------------------------------------------------------
 def test_launcher_and_search_configs_compose(tmp_path: Path) -> None:
     GlobalHydra.instance().clear()

@@ -10,6 +10,12 @@ job whichever launcher ran it) and writes into the sweep dir:
   once above it and the best job named below it;
 - ``summary.png``: the chosen metric per job, as bars (failed jobs marked).
 
+Jobs that differ only in ``seed`` are one *setting*: when a sweep has such repeats
+(``seed=1,2,3 model=relu_mlp,simple_net``), ``summary.md`` adds a table over seeds -- per
+setting n, mean ± std and a 95 % interval (Student's t) of each shown metric --
+``summary_seeds.csv`` holds it as CSV, and ``summary.png`` shows each setting's mean with
+its 95 % interval as an error bar and every seed as a dot.
+
 The table is printed at the end of the sweep, and the multirun exits with code 1 if any
 job failed or left no record (the summary is written either way). ``python -m
 mlplab.sweeps SWEEP_DIR`` rewrites the summary of any sweep dir (e.g. one stopped by
@@ -23,6 +29,7 @@ import csv
 import io
 import math
 import re
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +43,7 @@ from mlplab.errors import StorageError
 from mlplab.runs import RUN_FILE, read_run_record
 
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
+SEEDS_FILE = "summary_seeds.csv"
 #: Metrics every summary shows; the chosen metric is added when it is another one.
 SHOWN_METRICS = ("val/acc_best", "test/acc")
 NO_RECORD = "no run.json: the job was killed or is still running"
@@ -120,6 +128,55 @@ def read_job(job_dir: Path) -> JobRow:
     )
 
 
+def _is_seed(override: str) -> bool:
+    return override.split("=", 1)[0].lstrip("+~") == "seed"
+
+
+@dataclass
+class SeedStats:
+    """A metric over the ok jobs of a setting: n, mean, sample std and the 95 % interval of the mean."""
+
+    n: int
+    mean: float | None
+    std: float | None
+    ci95: tuple[float, float] | None
+    values: list[float]
+
+    @classmethod
+    def of(cls, rows: list[JobRow], metric: str) -> SeedStats:
+        values = [r.metrics[metric] for r in rows if r.ok and math.isfinite(r.metrics.get(metric, math.nan))]
+        n = len(values)
+        if n == 0:
+            return cls(0, None, None, None, [])
+        mean = statistics.fmean(values)
+        if n == 1:
+            return cls(1, mean, None, None, values)
+        from scipy.stats import t
+
+        std = statistics.stdev(values)
+        half = float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+        return cls(n, mean, std, (mean - half, mean + half), values)
+
+    def text(self) -> str:
+        """``0.9612 ± 0.0040`` (mean ± std), or the one value, or empty."""
+        if self.mean is None:
+            return ""
+        return _fmt(self.mean) if self.std is None else f"{_fmt(self.mean)} ± {_fmt(self.std)}"
+
+
+@dataclass
+class Setting:
+    """The jobs of a sweep that differ only in ``seed``, and their statistics per metric."""
+
+    label: str
+    rows: list[JobRow]
+    stats: dict[str, SeedStats]
+
+    @property
+    def failed(self) -> int:
+        return sum(not r.ok for r in self.rows)
+
+
 @dataclass
 class Summary:
     """A sweep's jobs and what they share; :meth:`best` is the answer."""
@@ -136,6 +193,21 @@ class Summary:
     @property
     def failed(self) -> list[JobRow]:
         return [r for r in self.rows if not r.ok]
+
+    def settings(self) -> list[Setting]:
+        """The jobs grouped by their overrides other than ``seed``, in job order; empty unless some
+        setting was run with more than one seed (a sweep over seeds)."""
+        groups: dict[tuple[str, ...], list[JobRow]] = {}
+        for row in self.rows:
+            key = tuple(sorted(o for o in row.overrides if not _is_seed(o)))
+            groups.setdefault(key, []).append(row)
+        if not any(len(rows) > 1 and any(_is_seed(o) for r in rows for o in r.overrides) for rows in groups.values()):
+            return []
+        settings = []
+        for key, rows in groups.items():
+            label = short_numbers(" ".join(o for o in key if o not in self.common)) or "(every job)"
+            settings.append(Setting(label, rows, {m: SeedStats.of(rows, m) for m in self.metrics}))
+        return settings
 
     def best(self) -> JobRow | None:
         """The ok job with the highest ``metric`` (losses: the lowest)."""
@@ -199,6 +271,25 @@ def markdown(summary: Summary) -> str:
     else:
         lines.append(f"No job finished with `{summary.metric}`.")
     lines.append("")
+    settings = summary.settings()
+    if settings:
+        lines += [
+            "## Over seeds",
+            "",
+            "Jobs that differ only in `seed`: n ok jobs, mean ± std (sample), 95 % interval of the mean (Student's t).",
+            "",
+        ]
+        header = ["setting", "n", *(f"{m} {col}" for m in summary.metrics for col in ("mean ± std", "95 % interval"))]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for setting in settings:
+            n = f"{setting.stats[summary.metric].n}" + (f" ({setting.failed} failed)" if setting.failed else "")
+            cells = [f"`{setting.label}`", n]
+            for m in summary.metrics:
+                st = setting.stats[m]
+                cells += [st.text(), f"[{_fmt(st.ci95[0])}, {_fmt(st.ci95[1])}]" if st.ci95 else ""]
+            lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -223,8 +314,29 @@ def write_csv(summary: Summary, path: Path) -> None:
         atomic_write_text(path, f.getvalue())
 
 
+def write_seeds_csv(settings: list[Setting], metrics: list[str], path: Path) -> None:
+    """One row per setting: n, failed, and per metric mean, std, 95 % interval (atomically)."""
+    with io.StringIO(newline="") as f:
+        writer = csv.writer(f)
+        cols = [f"{m} {c}" for m in metrics for c in ("n", "mean", "std", "ci95_low", "ci95_high")]
+        writer.writerow(["setting", "jobs", "failed", *cols, "job_dirs"])
+        for setting in settings:
+            cells: list[Any] = []
+            for m in metrics:
+                st = setting.stats[m]
+                low, high = st.ci95 or (None, None)
+                cells += [st.n, *(_fmt(v, 6) for v in (st.mean, st.std, low, high))]
+            jobs = " ".join(r.job for r in setting.rows)
+            writer.writerow([setting.label, len(setting.rows), setting.failed, *cells, jobs])
+        atomic_write_text(path, f.getvalue())
+
+
 def plot(summary: Summary, path: Path) -> None:
-    """Horizontal bars: ``metric`` per job (top to bottom in job order); failed jobs marked in red."""
+    """Horizontal bars: ``metric`` per job (top to bottom in job order); failed jobs marked in red.
+    A sweep over seeds: per setting, the mean with its 95 % interval, and each seed as a dot."""
+    settings = summary.settings()
+    if settings:
+        return _plot_settings(summary, settings, path)
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
     rows = summary.rows
@@ -251,6 +363,38 @@ def plot(summary: Summary, path: Path) -> None:
     atomic_write_bytes(path, image.getbuffer())
 
 
+def _plot_settings(summary: Summary, settings: list[Setting], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    metric = summary.metric
+    fig = Figure(figsize=(8, 1.4 + 0.45 * len(settings)), layout="constrained")
+    ax = fig.add_subplot()
+    y = list(range(len(settings)))[::-1]
+    finite: list[float] = []
+    for yi, setting in zip(y, settings):
+        st = setting.stats[metric]
+        if st.mean is None:
+            ax.text(0, yi, " no ok job", va="center", color="tab:red", fontsize=8)
+            continue
+        low, high = st.ci95 or (st.mean, st.mean)
+        ax.barh(yi, st.mean, color="tab:blue", alpha=0.35)
+        ax.errorbar(st.mean, yi, xerr=[[st.mean - low], [high - st.mean]], fmt="o", color="tab:blue", capsize=4)
+        ax.plot(st.values, [yi] * st.n, "k.", alpha=0.6)
+        finite += [*st.values, high]
+        failed = f", {setting.failed} failed" if setting.failed else ""
+        ax.text(max(st.values + [high]), yi, f"  {st.text()} (n={st.n}{failed})", va="center", fontsize=8)
+    labels = [s.label if len(s.label) <= 60 else s.label[:57] + "..." for s in settings]
+    ax.set_yticks(y, labels, fontsize=8)
+    if finite and "acc" in metric:
+        low_edge = min(finite)
+        ax.set_xlim(max(0.0, low_edge - (1.0 - low_edge) * 0.5), 1.0 + (1.0 - low_edge) * 0.35)
+    ax.set_xlabel(f"{metric}: mean, 95 % interval, seeds")
+    ax.set_title(f"{metric} over seeds: sweep {summary.sweep_dir.name}", fontsize=10)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
+    atomic_write_bytes(path, image.getbuffer())
+
+
 def write_summary(sweep_dir: str | Path, metric: str = "val/acc_best") -> Summary:
     """Write ``summary.csv``, ``summary.md`` and ``summary.png`` into ``sweep_dir``; returns the summary.
 
@@ -261,6 +405,9 @@ def write_summary(sweep_dir: str | Path, metric: str = "val/acc_best") -> Summar
     write_csv(summary, summary.sweep_dir / "summary.csv")
     atomic_write_text(summary.sweep_dir / "summary.md", markdown(summary))
     plot(summary, summary.sweep_dir / "summary.png")
+    settings = summary.settings()
+    if settings:
+        write_seeds_csv(settings, summary.metrics, summary.sweep_dir / SEEDS_FILE)
     return summary
 
 
