@@ -258,34 +258,6 @@ def test_bad_callback_settings(cls, kwargs, expected):
     assert str(info.value).startswith(expected + " is invalid")
 
 
-def test_diagnostics_are_not_dispatched_on_the_batch_hooks_they_do_not_use():
-    """Lightning calls every callback on every batch; ours opt out of the hooks they leave alone."""
-    from lightning.pytorch.trainer import call
-
-    from mlplab.callbacks.base import PER_BATCH_HOOKS
-
-    used = {
-        GradientNorms(): {"on_before_optimizer_step"},
-        WeightHistograms(): set(),
-        WeightHistograms(gradients=True): set(),  # gradients only with every_n_epochs
-        WeightHistograms(every_n_epochs=2, gradients=True): {"on_train_batch_end"},
-        SampleInputs(): set(),
-        TestReport(): {"on_test_batch_end"},
-        MisclassifiedImages(): {"on_test_batch_end"},
-        DecisionBoundary(): set(),
-    }
-    for cb, hooks in used.items():
-        dispatched = {name for name in PER_BATCH_HOOKS if callable(getattr(cb, name))}
-        assert dispatched == hooks, (type(cb).__name__, dispatched)
-
-    # Lightning's dispatcher skips a hook that is not callable (what the opt-out relies on).
-    class Probe:
-        lightning_module = None
-        callbacks = [SampleInputs()]
-
-    call._call_callback_hooks(Probe(), "on_train_batch_start", None, 0)  # would raise if it called None
-
-
 def test_the_progress_bar_counts_optimizer_steps_under_fused_steps(tmp_path):
     """A digits epoch is 38 optimizer steps (1,213 samples, batch 32): the bar shows 38/38, not
     the 3 blocks of 16 steps that fused steps hand to Lightning's loop."""

@@ -111,7 +111,7 @@ def test_refused_resumes_never_touch_the_record(completed: Path, tmp_path: Path)
     assert (run_dir / "run.json").read_bytes() == record
 
     # Its last checkpoint damaged: starting over would overwrite the best checkpoint, so it is refused.
-    (run_dir / "checkpoints" / "last.ckpt").unlink()  # a hard link to the best file: replace the name only
+    (run_dir / "checkpoints" / "last.ckpt").unlink()
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"half a checkpoint")
     checkpoints = _tree(run_dir / "checkpoints")
     proc = run_cli("train", [f"resume={run_dir}", "trainer.max_epochs=2"], cwd=tmp_path, env=_env(tmp_path))

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mlplab.callbacks.base import LeanCallback
 from mlplab.callbacks.plotting import class_names, log_figure, new_figure, tensorboard_writer
 from mlplab.validation import positive_int
 
@@ -70,7 +69,7 @@ def boundary_figure(
     return fig
 
 
-class DecisionBoundary(LeanCallback):
+class DecisionBoundary(L.Callback):
     """Image ``train/decision_boundary`` every ``every_n_epochs`` epochs and at the end of
     training (the training points), and ``test/decision_boundary`` at test end (the test
     points, the tested weights). Only for two-dimensional inputs (the DataModule's

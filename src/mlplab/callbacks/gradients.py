@@ -12,7 +12,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from mlplab.callbacks.base import LeanCallback
 from mlplab.callbacks.plotting import log_figure, new_figure, tensorboard_writer
 from mlplab.validation import positive_int
 
@@ -32,7 +31,7 @@ def gradient_norms(module: torch.nn.Module) -> Tensor:
     )
 
 
-class GradientNorms(LeanCallback):
+class GradientNorms(L.Callback):
     """Logs ``grad_norm/layer_01``, ``grad_norm/layer_02``, ... and a depth-vs-norm figure.
 
     Nothing runs on other steps: on every ``every_n_steps``-th optimizer step (default:

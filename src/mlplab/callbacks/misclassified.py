@@ -8,7 +8,6 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from mlplab.callbacks.base import LeanCallback
 from mlplab.callbacks.plotting import (
     class_names,
     image_grid,
@@ -20,7 +19,7 @@ from mlplab.callbacks.plotting import (
 from mlplab.validation import positive_int
 
 
-class MisclassifiedImages(LeanCallback):
+class MisclassifiedImages(L.Callback):
     """The first ``max_images`` test images the model gets wrong, as image ``test/misclassified``.
 
     Each picture is titled ``<predicted>`` over ``(<true>)``, in red. Image data only

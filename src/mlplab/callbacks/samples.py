@@ -5,7 +5,6 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from mlplab.callbacks.base import LeanCallback
 from mlplab.callbacks.plotting import (
     class_names,
     image_grid,
@@ -17,7 +16,7 @@ from mlplab.callbacks.plotting import (
 from mlplab.validation import positive_int
 
 
-class SampleInputs(LeanCallback):
+class SampleInputs(L.Callback):
     """The first ``num_images`` training inputs, as the model sees them (after
     normalisation), titled with their class names: image ``train/samples``.
 

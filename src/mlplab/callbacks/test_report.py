@@ -15,7 +15,6 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from mlplab.callbacks.base import LeanCallback
 from mlplab.callbacks.plotting import class_names, log_figure, new_figure, tensorboard_writer
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ def format_report(rows: list[tuple], accuracy: float, markdown: bool) -> str:
     return "\n".join(lines) + f"\n{'accuracy':>{width}}  {accuracy:.4f}"
 
 
-class TestReport(LeanCallback):
+class TestReport(L.Callback):
     """Confusion matrix and per-class precision, recall, F1 of the test set.
 
     Predictions are accumulated on the device during testing (torchmetrics; summed

@@ -39,7 +39,6 @@ from mlplab.engines.checkpoints import (
 )
 from mlplab.errors import RunInterrupted
 from mlplab.hparams import flat_hparams, log_hparams
-from mlplab.lightning_ext.fastpath import NullProfiler, trim_dispatch
 from mlplab.models import Classifier
 from mlplab.rundir import checkpoint_progress, newest_last_checkpoint, resume_command
 from mlplab.runs import mark_training_started
@@ -124,9 +123,7 @@ def _fit(cfg: DictConfig, dm: TensorDataModule, net: torch.nn.Module, ckpt_path:
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
-        **profiler_kwargs(cfg),
     )
-    trim_dispatch(trainer, model)
     steps_per_call = _steps_per_call(cfg, trainer)
     model.fuse_steps(steps_per_call, dm.batch_size)
     dm.steps_per_call = steps_per_call
@@ -192,11 +189,6 @@ def _steps_per_call(cfg: DictConfig, trainer: L.Trainer) -> int:
 
 def _all_batches(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value == 1.0)
-
-
-def profiler_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """No ``trainer.profiler`` configured: the free :class:`~mlplab.lightning_ext.fastpath.NullProfiler`."""
-    return {} if cfg.trainer.get("profiler") else {"profiler": NullProfiler()}
 
 
 def _interrupted(cfg: DictConfig, trainer: L.Trainer, signal_name: str, testing: bool = False) -> RunInterrupted:
