@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -130,6 +131,7 @@ def _fit(cfg: DictConfig, dm: TensorDataModule, net: torch.nn.Module, ckpt_path:
     steps_per_call = _steps_per_call(cfg, trainer)
     model.fuse_steps(steps_per_call, dm.batch_size)
     dm.steps_per_call = steps_per_call
+    log.debug("steps_per_call=%d, profiler %s", steps_per_call, type(trainer.profiler).__name__)
     if not cfg.get("resume"):  # a resumed run already has its HPARAMS entry
         log_hparams(loggers, flat_hparams(cfg))
 
@@ -157,7 +159,20 @@ def _fit(cfg: DictConfig, dm: TensorDataModule, net: torch.nn.Module, ckpt_path:
         # What was measured before the stop goes into run.json (a resumed run keeps it).
         interrupted.metrics = metrics if testing else as_floats(trainer.callback_metrics)
         raise interrupted from None
+    name_profiler_reports(trainer)
     return metrics
+
+
+@rank_zero_only
+def name_profiler_reports(trainer: L.Trainer) -> None:
+    """One line naming the report files of a profiler that writes them (``debug=profiler``)."""
+    profiler = trainer.profiler
+    dirpath, filename = getattr(profiler, "dirpath", None), getattr(profiler, "filename", None)
+    if isinstance(profiler, NullProfiler) or not dirpath or not filename:
+        return
+    reports = sorted(Path(dirpath).glob(f"*{filename}*.txt"))
+    if reports:
+        log.info("profiler reports: %s", ", ".join(str(p) for p in reports))
 
 
 def _steps_per_call(cfg: DictConfig, trainer: L.Trainer) -> int:

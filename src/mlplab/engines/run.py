@@ -58,6 +58,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         dm = build_datamodule(cfg.data)
         dm.check_available()
         net = build_net(cfg.model, dm)
+        log.debug("net: %s", net)
         check_engine_trains(engine, net)
         load_data(dm)
         announce("train", f"{describe_net(net)} on {describe_data(cfg, dm)} with engine={engine}", cfg)
