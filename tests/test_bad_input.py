@@ -116,6 +116,11 @@ BAD_VALUES = [
         if not torch.cuda.is_available()
         else [(["trainer=gpu", "trainer.devices=[0,99]"], ["names GPU 99"])]
     ),
+    *(
+        [(["trainer=mps"], ["trainer.accelerator=mps but this machine has no usable Apple GPU (MPS)", "trainer=cpu"])]
+        if not torch.backends.mps.is_available()
+        else []
+    ),
     # diagnostics callbacks
     (["callbacks.misclassified.max_images=0"], ["callbacks.misclassified.max_images=0", "positive integer"]),
     (

@@ -3,7 +3,7 @@
 ``RUN_BY`` names, for each yaml under conf/, a test that runs it; the tests below run the
 presets that no other test file runs: one short fit each (1 epoch, tiny data or a few
 batches), checking real numbers and the files made. Most are in the default suite; the
-GPU trainers need a GPU and are skipped without one (the only skips here); the SLURM
+GPU trainers (and trainer=mps) need their GPU and are skipped without one (the only skips here); the SLURM
 launcher's sweep runs through the CLI with stand-ins for sbatch/srun/sacct (slow).
 """
 
@@ -83,6 +83,7 @@ RUN_BY = {
     "trainer/ddp_cpu": "test_ddp.py::test_multirun_of_ddp_jobs",
     "trainer/gpu": "test_presets.py::test_preset_runs",
     "trainer/ddp": "test_presets.py::test_preset_runs",
+    "trainer/mps": "test_presets.py::test_preset_runs",  # composed and refused here: test_bad_input.py
 }
 
 
@@ -236,6 +237,9 @@ def test_debug_default_preset_detects_anomalies_and_logs_debug_lines(tmp_path, m
 
 ON_IMAGES = ["data.download=false", "data.val_size=10", "data.eval_batch_size=16"]
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="trainer=gpu/ddp need a CUDA GPU; none is visible")
+MPS = pytest.mark.skipif(
+    not torch.backends.mps.is_available(), reason="trainer=mps needs an Apple GPU; none is visible"
+)
 
 #: id -> (overrides, on tiny MNIST/Fashion files, lowest test/acc: digits runs must beat chance)
 CASES = {
@@ -260,10 +264,14 @@ CASES = {
     "experiment=vanishing_gradient": (["experiment=vanishing_gradient"], False, None),
     "trainer=gpu": (["trainer=gpu"], False, 0.5),
     "trainer=ddp": (["trainer=ddp"], False, 0.5),
+    "trainer=mps": (["trainer=mps"], False, 0.5),
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=GPU) if c.startswith("trainer=") else c for c in CASES])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=MPS if c == "trainer=mps" else GPU) if c.startswith("trainer=") else c for c in CASES],
+)
 def test_preset_runs(tmp_path, tiny_images, case):
     overrides, images, lowest = CASES[case]
     if not case.startswith("trainer="):

@@ -46,10 +46,14 @@ def _device(cfg: DictConfig) -> torch.device:
     devices = OmegaConf.select(cfg, "trainer.devices", default=1)
     if devices not in (1, "1", "auto") or OmegaConf.select(cfg, "trainer.strategy", default=None) not in (None, "auto"):
         raise ConfigError(
-            f"engine=ignite runs on one device (trainer.devices={devices}); allowed: trainer=default|cpu|gpu"
+            f"engine=ignite runs on one device (trainer.devices={devices}); allowed: trainer=default|cpu|gpu|mps"
         )
     if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
+    if accelerator == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("trainer.accelerator=mps but no Apple GPU (MPS) is visible; allowed: cpu, auto")
+        return torch.device("mps")
     if not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} but no GPU is visible; allowed: cpu, auto")
     return torch.device("cuda")
