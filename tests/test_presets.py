@@ -63,6 +63,7 @@ RUN_BY = {
     "hydra/launcher/slurm": "test_presets.py::test_slurm_launcher_preset_runs_its_jobs",
     "logger/csv": "test_models.py::test_every_model_trains_on_every_dataset",
     "logger/many_loggers": "test_presets.py::test_preset_runs",
+    "logger/mlflow": "test_presets.py::test_mlflow_logger_records_the_run_in_its_local_store",
     "logger/none": "test_lessons.py::test_xor_preset_learns_xor_and_eval_reproduces_it",
     "logger/tensorboard": "test_cli.py::test_single_run_outputs_and_tensorboard",
     "loss/cross_entropy": "test_accuracy.py::test_digits_relu_mlp_reaches_95_percent",
@@ -299,6 +300,30 @@ def test_preset_runs(tmp_path, tiny_images, case):
     elif case == "logger=many_loggers":
         assert "val/acc" in (out / "csv" / "metrics.csv").read_text()
         assert "val/acc" in _tags(out / "tensorboard")["scalars"]
+
+
+def test_mlflow_logger_records_the_run_in_its_local_store(tmp_path):
+    """logger=mlflow, read back with MLflow's own client from the SQLite store under the log
+    dir (what `mlflow ui` shows): the run named after its dir, its parameters, and every
+    metric with the values the run reports."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "runs" / "12-00-00_abc123"
+    cfg = compose_cfg([*QUIET, "logger=mlflow", "trainer.max_epochs=2"], out)
+    cfg.paths.log_dir = str(tmp_path)
+    metrics = fit(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("mlplab").experiment_id])
+    assert run.info.run_name == "12-00-00_abc123" and run.info.status == "FINISHED"
+    assert run.data.tags["output_dir"] == str(out)
+    params = run.data.params
+    assert params["optimizer.lr"] == "0.05" and params["model._target_"] == "mlplab.models.MLP"
+    assert params["model.hidden_sizes"] == "[256, 128]" and params["trainer.max_epochs"] == "2"
+    for key in ("train/loss", "train/acc", "val/acc", "val/acc_best", "test/acc", "test/loss"):
+        assert run.data.metrics[key] == pytest.approx(metrics[key], rel=1e-6), key
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2  # one a epoch
+    assert len(client.get_metric_history(run.info.run_id, "test/acc")) == 1
+    assert not (tmp_path / "mlflow-artifacts").exists() and not (tmp_path / "mlruns").exists()
 
 
 # -- hydra/launcher=slurm: submitit's sbatch file, run by a stand-in for SLURM -------------------

@@ -67,7 +67,13 @@ _NOISE = (
     "HPU available:",
     "\U0001f4a1 Tip:",
     "`Trainer.fit` stopped: `max_epochs=",
+    # logger=mlflow's first run: the store and the experiment are made, as expected.
+    "Experiment with name",
+    "Creating initial MLflow database tables",
+    "Updating database tables",
 )
+#: The loggers those lines come from.
+_NOISY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.loggers.mlflow", "mlflow.store.db.utils")
 
 
 class _DropNoise(logging.Filter):
@@ -80,15 +86,17 @@ def lightning_warnings_filtered() -> Iterator[None]:
     """Lightning's hints that do not apply here and its console noise, silenced for the run only
     (no process-wide filter): the console says what mlplab does, in its own lines."""
     noise = _DropNoise()
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    logger.addFilter(noise)
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(noise)
     try:
         with warnings.catch_warnings():
             for pattern in _NOT_APPLICABLE:
                 warnings.filterwarnings("ignore", message=pattern)
             yield
     finally:
-        logger.removeFilter(noise)
+        for logger in loggers:
+            logger.removeFilter(noise)
 
 
 def as_floats(metrics: dict[str, Any]) -> dict[str, float]:
