@@ -452,6 +452,16 @@ def test_the_console_says_what_runs_where_and_nothing_else(digits_runs: dict) ->
     console = train_proc.stdout + train_proc.stderr
     for noise in ("GPU available", "TPU available", "Tip:", "`Trainer.fit` stopped", "| Name"):
         assert noise not in console, noise
+    # Then the config tree, one line a group; the whole console (its progress bar aside:
+    # refresh_rate=0 here, two lines on a terminal) fits on one screen.
+    lines = [line for line in train_proc.stdout.splitlines() if line.strip()]
+    assert lines[1] == "config (all of it: config_tree.log in the run dir)", lines[:3]
+    tree = [line for line in lines[2:] if line.startswith(("├── ", "└── "))]
+    assert len(tree) <= 12 and tree[-1].startswith("└── engine=lightning  seed=42  steps_per_call=16"), tree
+    assert tree[3].startswith("├── optimizer: sgd  lr=0.05 momentum=0.9"), tree
+    shown = [line for line in console.splitlines() if line.strip()]
+    assert len(shown) + 2 <= 40, "\n".join(shown)
+    assert "max_epochs: 2" in (run_dir / "config_tree.log").read_text()
 
     # eval.py takes the run dir and tests its best checkpoint, saying which file.
     tmp = digits_runs["tmp"]

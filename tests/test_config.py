@@ -538,3 +538,41 @@ def test_net_the_allocator_refuses_says_what_it_asked_for(tmp_path, monkeypatch)
         "750,000,000,000,010 parameters (3.0 PB), which this machine cannot allocate"
     ), msg
     assert "\n" not in msg and "allowed: a net that fits in memory" in msg
+
+
+# -- the config tree at the start of a run ----------------------------------------------------------
+
+
+def test_the_run_prints_its_config_tree_and_saves_it_whole(tmp_path, capsys):
+    """After the first line, one line per group: the option, its main keys and the keys set on
+    the command line; the whole resolved config in <run dir>/config_tree.log. print_config=false:
+    neither."""
+    from conftest import QUICK
+    from mlplab.engines import fit
+
+    overrides = [*QUICK, "logger=none", "test=false", "optimizer=adam", "+optimizer.amsgrad=true", "model.dropout=0.1"]
+    fit(compose_cfg(overrides, tmp_path / "run"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("train: MLP (") and lines[1].startswith("config (all of it: config_tree.log")
+    callbacks = "model_checkpoint, progress_bar, gradient_norms, weight_histograms, sample_inputs, test_report"
+    assert lines[2:11] == [
+        "├── data: digits  batch_size=32",
+        "├── model: relu_mlp  hidden_sizes=[256, 128] activation=relu dropout=0.1 batch_norm=False",
+        "├── loss: cross_entropy",
+        "├── optimizer: adam  lr=0.001 weight_decay=0.0 amsgrad=True",
+        "├── scheduler: cosine",
+        "├── trainer: cpu  max_epochs=1 accelerator=cpu devices=1 enable_model_summary=False",
+        f"├── callbacks: default  ({callbacks}, misclassified, decision_boundary)"[:119] + "…",
+        "├── logger: none",
+        "└── engine=lightning  seed=42  steps_per_call=16",
+    ], lines[2:11]
+    saved = (tmp_path / "run" / "config_tree.log").read_text()
+    assert "├── optimizer" in saved and "amsgrad: true" in saved and "seed: 42" in saved
+    assert "data_dir: " + str(compose_cfg([], tmp_path).paths.data_dir) in saved  # resolved
+
+    fit(compose_cfg([*overrides, "print_config=false"], tmp_path / "quiet"))
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        not any(line.startswith(("config (", "├──", "└──")) for line in lines)
+        and not (tmp_path / "quiet" / "config_tree.log").exists()
+    )

@@ -230,7 +230,8 @@ def _one_rank_test(ckpt: Path, tmp_path: Path) -> tuple[dict[str, float], dict[s
 
 def _check_job_dir(job_dir: Path, printed_acc: float, tmp_path: Path, rank_logs: list[str]) -> None:
     """One 2-rank job's dir: rank 0's files only, one TensorBoard run, synced metrics."""
-    assert _job_files(job_dir) == sorted([".hydra", "checkpoints", "tensorboard", "train.log", RUN_FILE, *rank_logs])
+    expected = [".hydra", "checkpoints", "config_tree.log", "tensorboard", "train.log", RUN_FILE, *rank_logs]
+    assert _job_files(job_dir) == sorted(expected)
     assert len(list((job_dir / "checkpoints").glob("*.ckpt"))) == 2  # best + last
     ea = _accumulator(job_dir / "tensorboard")
     scalars = _scalars(ea)
@@ -336,7 +337,7 @@ def test_optuna_search_of_ddp_jobs(tmp_path):
     for job in jobs:
         assert read_run_record(job)["status"] == "ok"
         # rank 1 of the trial wrote only its log, into the trial's dir
-        expected = [".hydra", "checkpoints", "tensorboard", "train.log", RUN_FILE, "train_rank1.log"]
+        expected = [".hydra", "checkpoints", "config_tree.log", "tensorboard", "train.log", RUN_FILE, "train_rank1.log"]
         assert _job_files(job) == sorted(expected)
     assert [d for _, d in _summaries(proc.stdout)] == jobs  # rank 0 of each trial reports
     summary = (sweep / "summary.md").read_text()

@@ -54,8 +54,9 @@ def _fit_record(tmp_path, steps_per_call: int, *overrides: str):
         ["trainer.max_epochs=2"],
         ["scheduler=onecycle", "trainer.max_epochs=2"],
         ["scheduler=onecycle", "+trainer.max_steps=100", "model.dropout=0.2"],
+        ["model.batch_norm=true"],
     ],
-    ids=["cosine per epoch", "onecycle per step", "max_steps mid-epoch, dropout"],
+    ids=["cosine per epoch", "onecycle per step", "max_steps mid-epoch, dropout", "batch_norm"],
 )
 def test_fused_steps_train_exactly_as_one_step_per_call(tmp_path, overrides):
     """The same minibatches, steps, schedule, RNG draws: the same weights, metrics and log steps."""

@@ -50,12 +50,14 @@ def register_resolvers() -> None:
       sweep land in one sweep dir (tested with both).
     - ``${job_dirname:num,overrides}``: a sweep job's dir name, ``<num>_<its overrides>``
       made filesystem-safe (:func:`mlplab.sweeps.job_dirname`).
+    - ``${basename:path}``: the last part of a path (``logger=mlflow`` names its run after the run dir).
     """
     from mlplab.sweeps import job_dirname
 
     token = secrets.token_hex(3)
     OmegaConf.register_new_resolver("uid", lambda: token, replace=True)
     OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
+    OmegaConf.register_new_resolver("basename", lambda path: Path(str(path)).name, replace=True)
 
 
 def set_project_root(entry_file: str) -> None:
