@@ -11,7 +11,7 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from omegaconf import OmegaConf, open_dict
 
 from conftest import CONF, QUICK, compose_cfg
@@ -269,6 +269,7 @@ def test_cpu_trainers_instantiate(tmp_path, option, strategy_cls, num_devices):
 GPU_TRAINER_CASES = [
     ("gpu", {"accelerator": "gpu", "devices": 1}),
     ("ddp", {"accelerator": "gpu", "devices": -1, "num_nodes": 1, "sync_batchnorm": False}),
+    ("mps", {"accelerator": "mps", "devices": 1}),
 ]
 
 
@@ -295,6 +296,7 @@ LOGGER_CASES = [
     ("csv", [CSVLogger]),
     ("many_loggers", [TensorBoardLogger, CSVLogger]),
     ("none", []),
+    ("mlflow", [MLFlowLogger]),
 ]
 
 
@@ -304,7 +306,10 @@ def test_logger_options(tmp_path, option, types):
     loggers = _instantiate_group(cfg.get("logger"))
     assert sorted(type(lg).__name__ for lg in loggers) == sorted(t.__name__ for t in types)
     for lg in loggers:
-        assert lg.save_dir == str(tmp_path)
+        if isinstance(lg, MLFlowLogger):  # a SQLite store: no save dir; the database sits in logs/
+            assert lg._tracking_uri == f"sqlite:///{tmp_path}/mlflow.db" and lg._run_name == tmp_path.name
+        else:
+            assert lg.save_dir == str(tmp_path)
     names = {type(lg): lg.name for lg in loggers}
     if TensorBoardLogger in names:
         assert names[TensorBoardLogger] == "tensorboard"
