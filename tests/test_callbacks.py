@@ -122,6 +122,7 @@ def test_sigmoid_gradients_vanish_towards_the_input(tmp_path: Path) -> None:
 
 def test_diagnostics_on_digits(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     dm = DigitsDataModule(batch_size=32)
+    torch.manual_seed(0)  # the initial weights, not whatever earlier code left in the global RNG
     net = MLP(dm.input_dim, dm.num_classes, hidden_sizes=[64, 32, 32])
     grads = GradientNorms(every_n_steps=5)
     report, wrong, hist = TestReport(), MisclassifiedImages(max_images=8, ncols=4), WeightHistograms(1, gradients=True)
