@@ -83,8 +83,10 @@ def prepare_argv() -> None:
         sys.exit(EXIT_USER_ERROR)
 
 
-#: What marks a dir as holding a run (a sweep dir holds job dirs: any entry at all).
+#: What marks a dir as holding a run (a sweep dir holds job dirs: any entry at all); TensorBoard's
+#: event files lie in the run dir itself (``tensorboard/`` in runs made before that).
 RUN_ARTIFACTS = (".hydra", runs.RUN_FILE, "checkpoints", "tensorboard", "csv")
+EVENT_FILES = "events.out.tfevents.*"
 
 
 class CheckOutputDir(Callback):
@@ -106,7 +108,11 @@ class CheckOutputDir(Callback):
             sys.exit(EXIT_USER_ERROR)
 
         # A run's own files (not logs: DDP ranks may already be writing theirs).
-        if fresh and path.is_dir() and any((path / name).exists() for name in RUN_ARTIFACTS):
+        if (
+            fresh
+            and path.is_dir()
+            and (any((path / name).exists() for name in RUN_ARTIFACTS) or any(path.glob(EVENT_FILES)))
+        ):
             fail(
                 "already holds an earlier run, which is never overwritten",
                 f"a new dir (leave {key} at its default, unique per run), or resume=<run dir> to continue a run",

@@ -9,7 +9,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mlplab.callbacks.plotting import class_names, log_figure, new_figure, tensorboard_writer
+from mlplab.callbacks.plotting import (
+    FIGURE_WIDTH,
+    FONT_SIZE,
+    class_names,
+    log_figure,
+    new_figure,
+    style_axes,
+    tensorboard_writer,
+)
 from mlplab.validation import positive_int
 
 
@@ -54,7 +62,7 @@ def boundary_figure(
     k = len(names)
     colors = [f"C{i % 10}" for i in range(k)]
     cmap = ListedColormap(colors)
-    fig = new_figure(4.6, 4.0)
+    fig = new_figure(FIGURE_WIDTH, 4.2)
     ax = fig.add_subplot()
     ax.contourf(xx, yy, classes, levels=np.arange(-0.5, k), cmap=cmap, alpha=0.3)
     pts, labels = x.detach().float().reshape(len(x), 2).cpu().numpy(), y.cpu().numpy()
@@ -64,8 +72,9 @@ def boundary_figure(
             ax.scatter(
                 pts[sel, 0], pts[sel, 1], s=12, color=colors[c], edgecolors="black", linewidths=0.3, label=names[c]
             )
-    ax.legend(fontsize=7, loc="best")
-    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=FONT_SIZE - 1, loc="best")
+    ax.set_title(title)
+    style_axes(ax)
     return fig
 
 

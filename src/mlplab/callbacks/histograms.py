@@ -8,11 +8,12 @@ import lightning as L
 
 from mlplab.callbacks.gradients import layer_weights
 from mlplab.callbacks.plotting import tensorboard_writer
+from mlplab.tensorboard_view import diagnostic
 from mlplab.validation import positive_int
 
 
 class WeightHistograms(L.Callback):
-    """TensorBoard histograms ``weights/layer_01``, ... (and ``gradients/layer_01``, ...).
+    """TensorBoard histograms ``~diagnostics/weights/layer_01``, ... (and ``~diagnostics/gradients/layer_01``, ...).
 
     Layers are numbered as in :class:`~mlplab.callbacks.GradientNorms` (weight matrices,
     input side first). Weights are logged when training starts (the initialisation), at
@@ -43,7 +44,7 @@ class WeightHistograms(L.Callback):
             values = p if what == "weights" else p.grad
             if values is not None:
                 writer.add_histogram(
-                    f"{what}/layer_{i:02d}", values.detach().float().cpu(), global_step=trainer.global_step
+                    diagnostic(f"{what}/layer_{i:02d}"), values.detach().float().cpu(), global_step=trainer.global_step
                 )
         if what == "weights":
             self._last_step = trainer.global_step

@@ -6,6 +6,7 @@ import lightning as L
 import torch
 
 from mlplab.callbacks.plotting import (
+    FONT_SIZE,
     class_names,
     image_grid,
     input_shape,
@@ -24,7 +25,7 @@ class SampleInputs(L.Callback):
     run's batches are the same with or without it). Image data and TensorBoard only.
     """
 
-    def __init__(self, num_images: int = 32, ncols: int = 8) -> None:
+    def __init__(self, num_images: int = 24, ncols: int = 6) -> None:
         super().__init__()
         self.num_images = positive_int("callbacks.sample_inputs.num_images", num_images)
         self.ncols = positive_int("callbacks.sample_inputs.ncols", ncols)
@@ -41,5 +42,5 @@ class SampleInputs(L.Callback):
         labels = [int(item[1]) for item in items]
         names = class_names(trainer, max(labels) + 1)
         fig = image_grid(images, [names[y] for y in labels], shape, ncols=self.ncols)
-        fig.suptitle("training inputs (after preprocessing)", fontsize=9)
+        fig.suptitle("training inputs (after preprocessing)", fontsize=FONT_SIZE)
         log_figure(writer, "train/samples", fig, trainer.global_step)

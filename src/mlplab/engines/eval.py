@@ -80,7 +80,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
         logger=loggers or False,
         callbacks=_instantiate_group(cfg.get("callbacks"), "callbacks"),
     )
-    log_hparams(loggers, flat_hparams(stored), metrics=("test/acc", "test/loss"))
+    log_hparams(loggers, flat_hparams(stored), metrics=("test/acc", "test/loss"), layout=False)  # no curves to chart
     trainer.test(model, datamodule=dm, verbose=False)
     metrics = as_floats(trainer.callback_metrics)
     report(metrics, cfg)

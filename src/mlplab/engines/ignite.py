@@ -160,7 +160,7 @@ def _fit(
     best_ckpt: Checkpoint | None = None
     last_ckpt: Checkpoint | None = None
     if not fast_dev_run:
-        tb = TensorboardLogger(log_dir=str(out_dir / "tensorboard"))
+        tb = TensorboardLogger(log_dir=str(out_dir))  # the run dir names the TensorBoard run
         write_hparams_summary(tb.writer, flat_hparams(cfg), HPARAM_METRICS)
         tb.attach_output_handler(
             trainer, Events.EPOCH_COMPLETED, tag="train", metric_names=["loss", "acc"], global_step_transform=step
