@@ -76,11 +76,13 @@ class PopulationOptimizer:
         h = {k: torch.tensor(v, dtype=torch.float64, device=self.device) for k, v in values.items()}
         if self.kind is torch.optim.SGD:
             self._momentum = any(values["momentum"])
+            self._all_momentum = all(values["momentum"])
+            h["neg_lr"] = -h["lr"]
             self._nesterov = any(values["nesterov"])
-            h["one_minus_dampening"] = torch.where(h["momentum"] == 0, 1.0, 1.0 - h["dampening"])  # torch ignores
-            # dampening without momentum
+            h["one_minus_dampening"] = 1.0 - h["dampening"]
         else:
             h["one_minus_beta1"], h["one_minus_beta2"] = 1.0 - h["beta1"], 1.0 - h["beta2"]
+        self._weight_decay = any(values["weight_decay"])
         self.hparams = h
         self._cast: dict[tuple[str, torch.dtype, int], Tensor] = {}
 
@@ -99,6 +101,10 @@ class PopulationOptimizer:
     def step(self, active: Tensor | None = None) -> None:
         """One update of every member where ``active`` ([M] bool; None: all)."""
         self.steps += 1
+        # On the CPU a look at the mask costs nothing (no queue to wait for): skip the masking
+        # passes over every tensor while all members train. On a GPU it would wait for the step.
+        if active is not None and self.device.type == "cpu" and bool(active.all()):
+            active = None
         if self.kind is torch.optim.Adam:  # the bias corrections of this step, [M]
             h = self.hparams
             self._step_size = h["lr"] / (1 - h["beta1"] ** self.steps)
@@ -111,7 +117,10 @@ class PopulationOptimizer:
                 new = self._sgd(p, p.grad, state, keep)
             else:
                 new = self._adam(p, p.grad, state, keep)
-            p.copy_(new if keep is None else torch.where(keep, new, p))
+            if keep is None:
+                p.copy_(new)
+            else:
+                p.copy_(torch.where(keep, new, p))
 
     @staticmethod
     def _keep(state: dict[str, Tensor], name: str, value: Tensor, keep: Tensor | None) -> None:
@@ -120,25 +129,26 @@ class PopulationOptimizer:
 
     def _sgd(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], keep: Tensor | None) -> Tensor:
         # torch.optim.SGD: d = g + wd p; buf = d at the first step, then mu buf + (1 - damp) d;
-        # d = d + mu buf (nesterov) or buf; p = p - lr d. A member without momentum: d as it is.
-        d = grad + self._h("weight_decay", p) * p
+        # d = d + mu buf (nesterov) or buf; p = p - lr d. A member without momentum: d as it is
+        # (torch ignores its dampening).
+        d = torch.addcmul(grad, self._h("weight_decay", p), p) if self._weight_decay else grad
         if self._momentum:
             buf = state.get("momentum_buffer")
             if buf is None:
                 buf = d.clone()
             else:
-                buf = buf * self._h("momentum", p) + self._h("one_minus_dampening", p) * d
+                buf = torch.addcmul(buf * self._h("momentum", p), self._h("one_minus_dampening", p), d)
             self._keep(state, "momentum_buffer", buf, keep)
             with_buf = d + self._h("momentum", p) * buf if self._nesterov else buf
             if self._nesterov:
                 with_buf = torch.where(self._h("nesterov", p) != 0, with_buf, buf)
-            d = torch.where(self._h("momentum", p) != 0, with_buf, d)
-        return p - self._h("lr", p) * d
+            d = with_buf if self._all_momentum else torch.where(self._h("momentum", p) != 0, with_buf, d)
+        return torch.addcmul(p, self._h("neg_lr", p), d)
 
     def _adam(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], keep: Tensor | None) -> Tensor:
         # torch.optim.Adam: g = g + wd p; m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g g;
         # p = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
-        g = grad + self._h("weight_decay", p) * p
+        g = torch.addcmul(grad, self._h("weight_decay", p), p) if self._weight_decay else grad
         m = state.get("exp_avg", torch.zeros_like(p)).lerp(g, self._h("one_minus_beta1", p))
         v = state.get("exp_avg_sq", torch.zeros_like(p)) * self._h("beta2", p) + (self._h("one_minus_beta2", p) * g) * g
         self._keep(state, "exp_avg", m, keep)
