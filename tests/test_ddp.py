@@ -268,6 +268,7 @@ def _check_job_dir(job_dir: Path, printed_acc: float, tmp_path: Path, rank_logs:
 
 
 # -- a sweep of DDP jobs ----------------------------------------------------------------------
+@pytest.mark.slow  # over ~15 s: the default suite stays under 10 minutes
 def test_multirun_of_ddp_jobs(tmp_path):
     """``-m trainer=ddp_cpu model=a,b``: two jobs, two ranks each, one dir and one TB run per job."""
     log_dir = tmp_path / "logs"
@@ -376,6 +377,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # over ~15 s: the default suite stays under 10 minutes
 def test_torchrun_two_nodes_one_process_each(tmp_path):
     log_dir, run_dir = tmp_path / "logs", tmp_path / "logs" / "runs" / "two-nodes"
     port = _free_port()

@@ -79,6 +79,7 @@ def completed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow  # over ~15 s: the default suite stays under 10 minutes
 def test_refused_resumes_never_touch_the_record(completed: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(completed, run_dir)
@@ -171,6 +172,7 @@ def _paste(command: str, cwd: Path, env: dict[str, str]) -> subprocess.Completed
     )
 
 
+@pytest.mark.slow  # over ~15 s: the default suite stays under 10 minutes
 def test_sigterm_in_a_sweeps_test_stage_stops_the_sweep_and_the_pasted_resume_works(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     args = ["-m", *ARGS, SEND_SIGNAL, "seed=1,2", f"hydra.sweep.dir={sweep}"]
