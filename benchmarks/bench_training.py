@@ -264,11 +264,6 @@ def run_group(group: list[tuple], args, data_dir: Path, work: Path) -> dict[tupl
 ABLATIONS: dict[str, tuple[list[str], str]] = {
     "fused": (["steps_per_call=1"], "fused steps: one optimizer step per training_step call"),
     "direct": ([], "direct steps: fused steps stepped through Lightning's strategy and closures"),
-    "unset-hooks": ([], "hook unsetting: every no-op per-batch hook dispatched"),
-    "null-profiler": ([], "NullProfiler: Lightning's PassThroughProfiler context manager per hook call"),
-    "setattr": ([], "the __setattr__ override: nn.Module.__setattr__ for _current_fx_name"),
-    "signature": ([], "the __signature__ patch: training_step's signature computed per step"),
-    "ckpt-link": ([], "the last-checkpoint hard link: last.ckpt serialised a second time"),
     "mallopt": ([], "mallopt: glibc's default mmap and trim thresholds"),
     "denormals": (["flush_denormal=false"], "denormal flushing off"),
 }
@@ -276,25 +271,11 @@ ABLATIONS: dict[str, tuple[list[str], str]] = {
 
 def _remove_trick(name: str) -> None:
     """Patch one trick of :data:`ABLATIONS` out of mlplab, in this (a case's) process."""
-    import mlplab.callbacks.base
-    import mlplab.engines.lightning
     import mlplab.engines.run
     import mlplab.models.classifier
-    from mlplab.lightning_ext import checkpoint, fastpath
 
     if name == "direct":
         mlplab.models.classifier.direct_steps_possible = lambda trainer, module: False
-    elif name == "unset-hooks":
-        mlplab.callbacks.base.unset_noop_hooks = lambda *args, **kwargs: []
-        mlplab.engines.lightning.trim_dispatch = lambda trainer, module: None
-    elif name == "null-profiler":
-        del fastpath.NullProfiler.profile  # back to Profiler.profile, a @contextmanager
-    elif name == "setattr":
-        del fastpath.HookNameAttribute.__setattr__
-    elif name == "signature":
-        del mlplab.models.classifier.Classifier.training_step.__signature__
-    elif name == "ckpt-link":
-        checkpoint.ModelCheckpoint._fixed_last_path = lambda self, trainer, candidates: None
     elif name == "mallopt":
         mlplab.engines.run.reuse_freed_memory = lambda: False
     elif name not in ABLATIONS:

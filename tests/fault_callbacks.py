@@ -3,10 +3,12 @@
 ``FillDisk`` fills the filesystem of the run's checkpoints at the start of the epoch named by
 ``MLPLAB_TEST_FILL_AT_EPOCH``, leaving ``MLPLAB_TEST_FILL_LEAVE`` bytes (default 64 KiB) free:
 the next checkpoint no longer fits, a small ``run.json`` still does.
+``AnomalyProbe`` logs (at DEBUG) whether torch's anomaly detection is on while training.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +26,14 @@ class FillDisk(L.Callback):
             while (free := shutil.disk_usage(folder).free) > leave:
                 f.write(b"\0" * min(1 << 20, free - leave))
                 f.flush()
+
+
+class AnomalyProbe(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import torch
+
+        if batch_idx == 0:
+            logging.getLogger("mlplab.test").debug("anomaly detection during training: %s", torch.is_anomaly_enabled())
 
 
 class SignalAfterFirstJob:

@@ -219,7 +219,6 @@ class C(ModelCheckpoint):
 """
     hits = private_lightning_uses(source, lightning_private, set())
     assert [h.split(":")[0] for h in hits] == ["line 2", "line 4", "line 5", "line 6"], hits
-    assert "ModelCheckpoint._save_topk_checkpoint" in lightning_overrides("mlplab.lightning_ext.checkpoint")
     assert "ChildLaunchingDDPStrategy._configure_launcher" in lightning_overrides("mlplab.lightning_ext.ddp")
 
 

@@ -20,7 +20,7 @@ import torch
 
 from conftest import QUICK, compose_cfg
 from mlplab import atomic
-from mlplab.atomic import atomic_link, atomic_write_bytes, atomic_write_text, remove_stale_partials
+from mlplab.atomic import atomic_write_bytes, atomic_write_text, remove_stale_partials
 from mlplab.errors import StorageError
 
 SENTINEL = "sentinel: must stay as it is\n"
@@ -145,19 +145,6 @@ def test_an_interrupted_write_leaves_no_temporary_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic.atomic_write(tmp_path / "last.ckpt", interrupted)
     assert os.listdir(tmp_path) == []
-
-
-def test_a_link_replaces_a_planted_symlink_and_never_follows_one(tmp_path):
-    folder = tmp_path / "checkpoints"
-    sentinel = plant_symlinks(folder, "last.ckpt", tmp_path / "outside")
-    (folder / "last.ckpt").symlink_to(sentinel)
-    source = folder / "epoch_000.ckpt"
-    source.write_bytes(b"checkpoint")
-    atomic_link(source, folder / "last.ckpt")
-    assert not (folder / "last.ckpt").is_symlink()
-    assert (folder / "last.ckpt").stat().st_ino == source.stat().st_ino
-    assert_sentinel_untouched(sentinel)
-    assert (folder / "last.ckpt.partial").is_symlink()
 
 
 def test_stale_partials_of_both_namings_are_removed_directories_and_link_targets_never(tmp_path):

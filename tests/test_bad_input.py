@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -116,6 +117,11 @@ BAD_VALUES = [
         if not torch.cuda.is_available()
         else [(["trainer=gpu", "trainer.devices=[0,99]"], ["names GPU 99"])]
     ),
+    *(
+        [(["trainer=mps"], ["trainer.accelerator=mps but this machine has no usable Apple GPU (MPS)", "trainer=cpu"])]
+        if not torch.backends.mps.is_available()
+        else []
+    ),
     # diagnostics callbacks
     (["callbacks.misclassified.max_images=0"], ["callbacks.misclassified.max_images=0", "positive integer"]),
     (
@@ -152,6 +158,17 @@ def test_bad_config_values(tmp_path, no_training, monkeypatch, capsys, overrides
     for part in expected:
         assert part in msg, (part, msg)
     assert "allowed" in msg
+
+
+def test_mlflow_logger_without_mlflow_is_one_line(tmp_path, no_training, monkeypatch, capsys):
+    """logger=mlflow where the optional package is not installed: one line naming the extra,
+    exit 2, nothing in logs/ (before, a traceback from the logger's constructor)."""
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # what an absent package looks like to an import
+    msg = _run_job_error(tmp_path, monkeypatch, capsys, ["logger=mlflow"])
+    assert msg.startswith(
+        'error: logger=mlflow needs the mlflow package; install it with pip install -e ".[mlflow]"; '
+    ), msg
+    assert "allowed without it: logger=csv|many_loggers|none|tensorboard" in msg
 
 
 # What third-party constructors reached through ``_target_`` refuse (Trainer, callbacks,

@@ -1,4 +1,4 @@
-"""mlplab.callbacks.ModelCheckpoint: last.ckpt linked to the epoch's best file, not dumped twice."""
+"""mlplab.callbacks.ModelCheckpoint: last.ckpt at every epoch end, stored paths kept inside the run."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def _fit(dirpath: Path, callback_cls, scores: list[float], epochs: int) -> None:
     trainer.fit(Scripted(scores), loader, loader)
 
 
-def test_last_checkpoint_is_the_best_files_link_and_holds_what_lightning_writes(tmp_path):
+def test_last_checkpoint_holds_what_lightning_writes(tmp_path):
     scores = [0.1, 0.3]  # the last epoch is the best: Lightning writes the same state twice
     _fit(tmp_path / "ckpt", LightningModelCheckpoint, scores, 2)
     theirs = {name: load_ckpt(tmp_path / "ckpt" / name) for name in ("last.ckpt", "epoch_001.ckpt")}
@@ -72,7 +72,7 @@ def test_last_checkpoint_is_the_best_files_link_and_holds_what_lightning_writes(
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["epoch_001.ckpt", "last.ckpt"]  # no .partial left
     for name, expected in theirs.items():
         assert_same_nested(load_ckpt(tmp_path / "ckpt" / name), expected, name)
-    assert os.path.samefile(tmp_path / "ckpt" / "last.ckpt", tmp_path / "ckpt" / "epoch_001.ckpt")
+    assert not os.path.samefile(tmp_path / "ckpt" / "last.ckpt", tmp_path / "ckpt" / "epoch_001.ckpt")
 
 
 def test_last_checkpoint_is_the_last_epoch_even_when_it_was_not_the_best(tmp_path):
@@ -91,7 +91,7 @@ def test_last_checkpoint_is_the_last_epoch_even_when_it_was_not_the_best(tmp_pat
     assert not torch.equal(last["state_dict"]["layer.weight"], best["state_dict"]["layer.weight"])
 
 
-def test_a_last_checkpoint_of_something_else_is_not_replaced_by_a_link(tmp_path):
+def test_a_last_checkpoint_of_something_else_is_left_alone(tmp_path):
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "last.ckpt").write_bytes(b"a user's file")
     _fit(tmp_path / "ckpt", ModelCheckpoint, [0.1, 0.3], 2)

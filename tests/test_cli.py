@@ -171,7 +171,7 @@ def test_concurrent_runs_get_distinct_run_dirs(digits_runs: dict) -> None:
         ckpts = run_dir / "checkpoints"
         assert (ckpts / "last.ckpt").is_file()
         assert len(list(ckpts.glob("epoch_*.ckpt"))) == 1
-        assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) >= 1
+        assert len(list(run_dir.glob("events.out.tfevents.*"))) >= 1
     # Each run tested its own best checkpoint.
     for proc, run_dir in zip(digits_runs["procs"], printed):
         best = next((run_dir / "checkpoints").glob("epoch_*.ckpt"))
@@ -196,7 +196,7 @@ def test_single_run_outputs_and_tensorboard(digits_runs: dict) -> None:
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     [best] = list((run_dir / "checkpoints").glob("epoch_*.ckpt"))
 
-    ea = _accumulator(run_dir / "tensorboard")
+    ea = _accumulator(run_dir)
     scalars = _scalars(ea)
     assert set(METRIC_TAGS) <= set(scalars)
     for tag in METRIC_TAGS:
@@ -226,20 +226,22 @@ def test_single_run_outputs_and_tensorboard(digits_runs: dict) -> None:
     # Every metric the tab shows is a real scalar of this run (its values come from there).
     assert metric_names <= set(scalars)
     hparams = starts[0].hparams
-    assert hparams["optimizer.lr"].number_value == pytest.approx(0.05)
-    assert hparams["model.hidden_sizes"].string_value == "[256, 128]"
-    assert hparams["trainer.max_epochs"].number_value == 2
+    assert hparams["04 lr"].number_value == pytest.approx(0.05)
+    assert hparams["08 hidden_sizes"].string_value == "[256, 128]"
+    assert hparams["07 epochs"].number_value == 2
     assert "hp_metric" not in _all_tags(ea) and "hp_metric" not in scalars
     assert scalars["val/acc_best"][-1][1] > 0.5
 
     # The default diagnostics (callbacks=default): gradient norms every log_every_n_steps (50;
     # 38 steps an epoch), weight histograms, sample/confusion/misclassified images, the report.
     for i in (1, 2, 3):
-        assert [s for s, _ in scalars[f"grad_norm/layer_{i:02d}"]] == [0, 50]
-    assert "grad_norm/layer_04" not in scalars
+        assert [s for s, _ in scalars[f"~diagnostics/grad_norm/layer_{i:02d}"]] == [0, 50]
+    assert "~diagnostics/grad_norm/layer_04" not in scalars
     tags = ea.Tags()
-    assert {"train/samples", "grad_norm/by_depth", "test/confusion_matrix", "test/misclassified"} == set(tags["images"])
-    assert {"weights/layer_01", "weights/layer_02", "weights/layer_03"} == set(tags["histograms"])
+    assert {"train/samples", "~diagnostics/grad_norm/by_depth", "test/confusion_matrix", "test/misclassified"} == set(
+        tags["images"]
+    )
+    assert {f"~diagnostics/weights/layer_0{i}" for i in (1, 2, 3)} == set(tags["histograms"])
     assert "test/report/text_summary" in tags["tensors"]
     assert "macro avg" in (run_dir / "train.log").read_text()
 
@@ -264,8 +266,8 @@ def test_eval_reproduces_train_test_accuracy(digits_runs: dict) -> None:
     assert eval_acc == train_acc
     assert eval_dir.relative_to(eval_log_dir).parts[0] == "eval"  # logs/eval/<date>/<time>_<uid>
 
-    train_tb = _scalars(_accumulator(run_dir / "tensorboard"))
-    eval_ea = _accumulator(eval_dir / "tensorboard")
+    train_tb = _scalars(_accumulator(run_dir))
+    eval_ea = _accumulator(eval_dir)
     eval_tb = _scalars(eval_ea)
     # Same weights, same test set, same batches: the same float32 values.
     assert eval_tb["test/acc"][-1][1] == train_tb["test/acc"][-1][1]
@@ -328,27 +330,32 @@ def test_multirun_over_models(tmp_path: Path) -> None:
         assert stored["hyper_parameters"]["config"]["model"]["_target_"] == targets[model]
         first_weight = next(v for v in stored["state_dict"].values() if v.ndim == 2)
         assert tuple(first_weight.shape) == (hidden[model], 64)
-        event_files = list((job_dir / "tensorboard").glob("events.out.tfevents.*"))
+        event_files = list(job_dir.glob("events.out.tfevents.*"))
         assert event_files
-        scalars = _scalars(_accumulator(job_dir / "tensorboard"))
+        scalars = _scalars(_accumulator(job_dir))
         assert len(scalars["val/acc"]) == 1, "each job logs only its own epoch"
         assert f"{scalars['test/acc'][0][1]:.4f}" == f"{printed_acc:.4f}"
     # Each job has its own event files.
-    all_events = [f.name for d in names for f in (sweep / d / "tensorboard").glob("events.out.tfevents.*")]
+    all_events = [f.name for d in names for f in (sweep / d).glob("events.out.tfevents.*")]
     assert len(all_events) == len(set(all_events))
 
     # TensorBoard's HPARAMS tab on the sweep compares all jobs: the experiment it builds has
     # the union of their hparams (SimpleNet's hidden_size and the MLP's hidden_sizes) and
     # all three models, because no job claims the experiment for itself.
     for job in names:
-        assert set(_hparams(_accumulator(sweep / job / "tensorboard"))) == {
+        assert set(_hparams(_accumulator(sweep / job))) == {
             "_hparams_/session_start_info",
             "_hparams_/session_end_info",
         }
     experiment = _tensorboard_hparams_experiment(sweep)
     infos = {h.name: h for h in experiment.hparam_infos}
-    assert {"model.hidden_size", "model.hidden_sizes", "model.activation", "optimizer.lr"} <= set(infos)
-    assert {v.string_value for v in infos["model._target_"].domain_discrete.values} == set(targets.values())
+    assert {"08 hidden_sizes", "09 activation", "04 lr"} <= set(infos)
+    # SimpleNet's hidden_size and the MLP's hidden_sizes are one column, "[120]" beside "[256, 128]".
+    assert {v.string_value for v in infos["08 hidden_sizes"].domain_discrete.values} == {"[120]", "[256, 128]"}
+    assert {v.string_value for v in infos["01 model"].domain_discrete.values} == {"SimpleNet", "SigmoidNet", "MLP"}
+    # Columns: the hparams that differ between the jobs first (TensorBoard's order), numbered.
+    differ = [h.name for h in experiment.hparam_infos if h.differs]
+    assert differ[:2] == ["01 model", "08 hidden_sizes"] and "02 data" not in differ
     assert {"val/acc_best", "test/acc"} <= {m.name.tag for m in experiment.metric_infos}
 
 
@@ -369,7 +376,7 @@ def test_same_seed_is_bit_identical_and_train_returns_the_optimized_metric(tmp_p
     for name, overrides in runs.items():
         out = tmp_path / name
         returned[name] = train(compose_cfg(_quick(overrides), out))
-        scalars[name] = _scalars(_accumulator(out / "tensorboard"))
+        scalars[name] = _scalars(_accumulator(out))
         last[name] = _state_dict(out / "checkpoints" / "last.ckpt")
         [best_path] = list((out / "checkpoints").glob("epoch_*.ckpt"))
         best[name] = (best_path.name, _state_dict(best_path))
@@ -419,14 +426,14 @@ def test_ddp_cpu_writes_one_run_dir(tmp_path: Path) -> None:
     # Nothing under log_dir, nothing else under tmp_path: one job dir for both ranks.
     assert not log_dir.exists() or not any(p.is_file() for p in log_dir.rglob("*"))
     assert _run_dirs(tmp_path) == [run_dir]
-    assert [p for p in tmp_path.rglob("tensorboard") if p.is_dir()] == [run_dir / "tensorboard"]
+    assert sorted({p.parent for p in tmp_path.rglob("events.out.tfevents.*")}) == [run_dir]
     assert [p for p in tmp_path.rglob("checkpoints") if p.is_dir()] == [run_dir / "checkpoints"]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert len(list((run_dir / "checkpoints").glob("*.ckpt"))) == 2  # last + best
     assert list(run_dir.rglob("config.yaml")) == [run_dir / ".hydra" / "config.yaml"]
     assert (run_dir / "train.log").is_file() and (run_dir / "train_rank1.log").is_file()
 
-    scalars = _scalars(_accumulator(run_dir / "tensorboard"))
+    scalars = _scalars(_accumulator(run_dir))
     assert set(METRIC_TAGS) <= set(scalars)
     assert len(scalars["val/acc_best"]) == 2 and len(scalars["test/acc"]) == 1
     assert f"{scalars['test/acc'][0][1]:.4f}" == f"{summaries[0][0]:.4f}"
@@ -452,6 +459,16 @@ def test_the_console_says_what_runs_where_and_nothing_else(digits_runs: dict) ->
     console = train_proc.stdout + train_proc.stderr
     for noise in ("GPU available", "TPU available", "Tip:", "`Trainer.fit` stopped", "| Name"):
         assert noise not in console, noise
+    # Then the config tree, one line a group; the whole console (its progress bar aside:
+    # refresh_rate=0 here, two lines on a terminal) fits on one screen.
+    lines = [line for line in train_proc.stdout.splitlines() if line.strip()]
+    assert lines[1] == "config (all of it: config_tree.log in the run dir)", lines[:3]
+    tree = [line for line in lines[2:] if line.startswith(("├── ", "└── "))]
+    assert len(tree) <= 12 and tree[-1].startswith("└── engine=lightning  seed=42  steps_per_call=16"), tree
+    assert tree[3].startswith("├── optimizer: sgd  lr=0.05 momentum=0.9"), tree
+    shown = [line for line in console.splitlines() if line.strip()]
+    assert len(shown) + 2 <= 40, "\n".join(shown)
+    assert "max_epochs: 2" in (run_dir / "config_tree.log").read_text()
 
     # eval.py takes the run dir and tests its best checkpoint, saying which file.
     tmp = digits_runs["tmp"]

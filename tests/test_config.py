@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -11,7 +12,7 @@ from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from omegaconf import OmegaConf, open_dict
 
 from conftest import CONF, QUICK, compose_cfg
@@ -269,6 +270,7 @@ def test_cpu_trainers_instantiate(tmp_path, option, strategy_cls, num_devices):
 GPU_TRAINER_CASES = [
     ("gpu", {"accelerator": "gpu", "devices": 1}),
     ("ddp", {"accelerator": "gpu", "devices": -1, "num_nodes": 1, "sync_batchnorm": False}),
+    ("mps", {"accelerator": "mps", "devices": 1}),
 ]
 
 
@@ -295,6 +297,7 @@ LOGGER_CASES = [
     ("csv", [CSVLogger]),
     ("many_loggers", [TensorBoardLogger, CSVLogger]),
     ("none", []),
+    ("mlflow", [MLFlowLogger]),
 ]
 
 
@@ -304,13 +307,16 @@ def test_logger_options(tmp_path, option, types):
     loggers = _instantiate_group(cfg.get("logger"))
     assert sorted(type(lg).__name__ for lg in loggers) == sorted(t.__name__ for t in types)
     for lg in loggers:
-        assert lg.save_dir == str(tmp_path)
-    names = {type(lg): lg.name for lg in loggers}
-    if TensorBoardLogger in names:
-        assert names[TensorBoardLogger] == "tensorboard"
-        assert cfg.logger.tensorboard.default_hp_metric is False
-    if CSVLogger in names:
-        assert names[CSVLogger] == "csv"
+        if isinstance(lg, MLFlowLogger):  # a SQLite store: no save dir; the database sits in logs/
+            assert lg._tracking_uri == f"sqlite:///{tmp_path}/mlflow.db" and lg._run_name == tmp_path.name
+        else:
+            assert lg.save_dir == str(tmp_path)
+    for lg in loggers:
+        if isinstance(lg, TensorBoardLogger):  # event files in the run dir: TensorBoard names the run by it
+            assert (lg.name, lg.version, Path(lg.log_dir)) == ("", "", tmp_path)
+            assert cfg.logger.tensorboard.default_hp_metric is False
+        if isinstance(lg, CSVLogger):
+            assert lg.name == "csv"
 
 
 DIAGNOSTICS = [GradientNorms, WeightHistograms, SampleInputs, TestReport, MisclassifiedImages, DecisionBoundary]
@@ -337,7 +343,7 @@ def test_callback_options(tmp_path, option, types):
         assert grads.figure_every_n_epochs == (1 if full else None)
         assert hist.every_n_epochs == (1 if full else None) and hist.gradients is full
         assert by_type[DecisionBoundary].every_n_epochs == (1 if full else 10)
-        assert by_type[MisclassifiedImages].max_images == (64 if full else 32)
+        assert by_type[MisclassifiedImages].max_images == (48 if full else 24)
     for cb in callbacks:
         if isinstance(cb, ModelCheckpoint):
             assert cb.dirpath == str(tmp_path / "checkpoints")
@@ -538,3 +544,41 @@ def test_net_the_allocator_refuses_says_what_it_asked_for(tmp_path, monkeypatch)
         "750,000,000,000,010 parameters (3.0 PB), which this machine cannot allocate"
     ), msg
     assert "\n" not in msg and "allowed: a net that fits in memory" in msg
+
+
+# -- the config tree at the start of a run ----------------------------------------------------------
+
+
+def test_the_run_prints_its_config_tree_and_saves_it_whole(tmp_path, capsys):
+    """After the first line, one line per group: the option, its main keys and the keys set on
+    the command line; the whole resolved config in <run dir>/config_tree.log. print_config=false:
+    neither."""
+    from conftest import QUICK
+    from mlplab.engines import fit
+
+    overrides = [*QUICK, "logger=none", "test=false", "optimizer=adam", "+optimizer.amsgrad=true", "model.dropout=0.1"]
+    fit(compose_cfg(overrides, tmp_path / "run"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("train: MLP (") and lines[1].startswith("config (all of it: config_tree.log")
+    callbacks = "model_checkpoint, progress_bar, gradient_norms, weight_histograms, sample_inputs, test_report"
+    assert lines[2:11] == [
+        "├── data: digits  batch_size=32",
+        "├── model: relu_mlp  hidden_sizes=[256, 128] activation=relu dropout=0.1 batch_norm=False",
+        "├── loss: cross_entropy",
+        "├── optimizer: adam  lr=0.001 weight_decay=0.0 amsgrad=True",
+        "├── scheduler: cosine",
+        "├── trainer: cpu  max_epochs=1 accelerator=cpu devices=1 enable_model_summary=False",
+        f"├── callbacks: default  ({callbacks}, misclassified, decision_boundary)"[:119] + "…",
+        "├── logger: none",
+        "└── engine=lightning  seed=42  steps_per_call=16",
+    ], lines[2:11]
+    saved = (tmp_path / "run" / "config_tree.log").read_text()
+    assert "├── optimizer" in saved and "amsgrad: true" in saved and "seed: 42" in saved
+    assert "data_dir: " + str(compose_cfg([], tmp_path).paths.data_dir) in saved  # resolved
+
+    fit(compose_cfg([*overrides, "print_config=false"], tmp_path / "quiet"))
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        not any(line.startswith(("config (", "├──", "└──")) for line in lines)
+        and not (tmp_path / "quiet" / "config_tree.log").exists()
+    )

@@ -44,8 +44,11 @@ RUN_LOCK = ".mlplab.lock"  # rank 0's hold on its run dir (mlplab.rundir), left 
 
 
 def _job_files(job_dir: Path) -> list[str]:
-    """The names in a job dir, its lock file aside."""
-    return sorted(p.name for p in job_dir.iterdir() if p.name != RUN_LOCK)
+    """The names in a job dir, its lock file aside (TensorBoard's event files as one pattern)."""
+    names = {
+        "events.out.tfevents.*" if p.name.startswith("events.out.tfevents.") else p.name for p in job_dir.iterdir()
+    }
+    return sorted(names - {RUN_LOCK})
 
 
 # -- child ranks of one job -------------------------------------------------------------------
@@ -230,9 +233,20 @@ def _one_rank_test(ckpt: Path, tmp_path: Path) -> tuple[dict[str, float], dict[s
 
 def _check_job_dir(job_dir: Path, printed_acc: float, tmp_path: Path, rank_logs: list[str]) -> None:
     """One 2-rank job's dir: rank 0's files only, one TensorBoard run, synced metrics."""
-    assert _job_files(job_dir) == sorted([".hydra", "checkpoints", "tensorboard", "train.log", RUN_FILE, *rank_logs])
+    assert _job_files(job_dir) == sorted(
+        [
+            ".hydra",
+            "checkpoints",
+            "config_tree.log",
+            "events.out.tfevents.*",
+            "hparams.yaml",
+            "train.log",
+            RUN_FILE,
+            *rank_logs,
+        ]
+    )
     assert len(list((job_dir / "checkpoints").glob("*.ckpt"))) == 2  # best + last
-    ea = _accumulator(job_dir / "tensorboard")
+    ea = _accumulator(job_dir)
     scalars = _scalars(ea)
     assert len(scalars["test/acc"]) == 1 and len(scalars["val/acc"]) == 1
     tb_acc, tb_loss = scalars["test/acc"][0][1], scalars["test/loss"][0][1]
@@ -254,6 +268,7 @@ def _check_job_dir(job_dir: Path, printed_acc: float, tmp_path: Path, rank_logs:
 
 
 # -- a sweep of DDP jobs ----------------------------------------------------------------------
+@pytest.mark.slow  # over ~15 s: the default suite stays under 10 minutes
 def test_multirun_of_ddp_jobs(tmp_path):
     """``-m trainer=ddp_cpu model=a,b``: two jobs, two ranks each, one dir and one TB run per job."""
     log_dir = tmp_path / "logs"
@@ -336,7 +351,16 @@ def test_optuna_search_of_ddp_jobs(tmp_path):
     for job in jobs:
         assert read_run_record(job)["status"] == "ok"
         # rank 1 of the trial wrote only its log, into the trial's dir
-        expected = [".hydra", "checkpoints", "tensorboard", "train.log", RUN_FILE, "train_rank1.log"]
+        expected = [
+            ".hydra",
+            "checkpoints",
+            "config_tree.log",
+            "events.out.tfevents.*",
+            "hparams.yaml",
+            "train.log",
+            RUN_FILE,
+        ]
+        expected.append("train_rank1.log")
         assert _job_files(job) == sorted(expected)
     assert [d for _, d in _summaries(proc.stdout)] == jobs  # rank 0 of each trial reports
     summary = (sweep / "summary.md").read_text()
@@ -353,6 +377,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # over ~15 s: the default suite stays under 10 minutes
 def test_torchrun_two_nodes_one_process_each(tmp_path):
     log_dir, run_dir = tmp_path / "logs", tmp_path / "logs" / "runs" / "two-nodes"
     port = _free_port()
@@ -381,7 +406,7 @@ def test_torchrun_two_nodes_one_process_each(tmp_path):
     # One set of logs: rank 0 writes the job dir; rank 1 only its log file, in the same dir.
     assert _run_dirs(tmp_path) == [run_dir]
     assert sorted(p.relative_to(log_dir).as_posix() for p in log_dir.rglob("*") if p.is_dir()) == [
-        "runs", "runs/two-nodes", "runs/two-nodes/.hydra", "runs/two-nodes/checkpoints", "runs/two-nodes/tensorboard",
+        "runs", "runs/two-nodes", "runs/two-nodes/.hydra", "runs/two-nodes/checkpoints",
     ]  # fmt: skip
     [(printed_acc, printed_dir)] = _summaries(stdouts[0])
     assert printed_dir == run_dir and _summaries(stdouts[1]) == []

@@ -79,6 +79,7 @@ def completed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow  # over ~15 s: the default suite stays under 10 minutes
 def test_refused_resumes_never_touch_the_record(completed: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(completed, run_dir)
@@ -111,7 +112,7 @@ def test_refused_resumes_never_touch_the_record(completed: Path, tmp_path: Path)
     assert (run_dir / "run.json").read_bytes() == record
 
     # Its last checkpoint damaged: starting over would overwrite the best checkpoint, so it is refused.
-    (run_dir / "checkpoints" / "last.ckpt").unlink()  # a hard link to the best file: replace the name only
+    (run_dir / "checkpoints" / "last.ckpt").unlink()
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"half a checkpoint")
     checkpoints = _tree(run_dir / "checkpoints")
     proc = run_cli("train", [f"resume={run_dir}", "trainer.max_epochs=2"], cwd=tmp_path, env=_env(tmp_path))
@@ -171,6 +172,7 @@ def _paste(command: str, cwd: Path, env: dict[str, str]) -> subprocess.Completed
     )
 
 
+@pytest.mark.slow  # over ~15 s: the default suite stays under 10 minutes
 def test_sigterm_in_a_sweeps_test_stage_stops_the_sweep_and_the_pasted_resume_works(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     args = ["-m", *ARGS, SEND_SIGNAL, "seed=1,2", f"hydra.sweep.dir={sweep}"]

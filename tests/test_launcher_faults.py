@@ -55,6 +55,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # over ~15 s: the default suite stays under 10 minutes
 def test_a_killed_job_process_fails_only_its_own_job(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
     proc = run_cli(

@@ -10,16 +10,13 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.profilers import SimpleProfiler
-from lightning.pytorch.trainer import call
 
-import mlplab.engines.lightning as lightning_engine
 import mlplab.engines.run as engines_run
 from conftest import QUICK, compose_cfg
 from mlplab.data import DigitsDataModule
 from mlplab.errors import ConfigError
-from mlplab.lightning_ext.fastpath import TRAIN_BATCH_HOOKS, NullProfiler, direct_steps_possible, trim_dispatch
+from mlplab.lightning_ext.fastpath import direct_steps_possible
 from mlplab.models import MLP, Classifier
 
 
@@ -31,78 +28,6 @@ def _module(**kwargs) -> Classifier:
 def _trainer(tmp_path, **kwargs) -> L.Trainer:
     kwargs = {"accelerator": "cpu", "max_epochs": 1, "logger": False, "enable_model_summary": False, **kwargs}
     return L.Trainer(default_root_dir=tmp_path, **kwargs)
-
-
-def test_trim_unsets_only_noop_per_batch_hooks(tmp_path):
-    per_epoch, steps = ModelCheckpoint(dirpath=tmp_path), ModelCheckpoint(dirpath=tmp_path / "s", every_n_train_steps=5)
-    bar = TQDMProgressBar()
-    trainer = _trainer(tmp_path, callbacks=[per_epoch, steps, bar])
-    model = _module()
-    trim_dispatch(trainer, model)
-    assert per_epoch.on_train_batch_end is None  # saves per epoch: nothing to do per batch
-    assert callable(steps.on_train_batch_end)  # saves every 5 steps: kept
-    assert callable(bar.on_train_batch_end) and bar.on_before_backward is None
-    assert all(getattr(model, name) is None for name in TRAIN_BATCH_HOOKS)
-    assert model.configure_gradient_clipping is None  # no trainer.gradient_clip_val
-    assert callable(model.validation_step) and callable(model.on_validation_batch_end)  # Lightning inspects these
-    # Lightning's dispatchers skip what is unset (what the trimming relies on)
-    call._call_callback_hooks(trainer, "on_before_backward", torch.tensor(1.0))
-
-
-def test_trimmed_training_gives_the_same_weights_and_still_checkpoints_by_step(tmp_path):
-    def run(trim: bool, sub: str) -> dict[str, torch.Tensor]:
-        L.seed_everything(0, verbose=False)
-        ckpt = ModelCheckpoint(dirpath=tmp_path / sub, every_n_train_steps=7, save_top_k=-1)
-        trainer = _trainer(
-            tmp_path / sub,
-            callbacks=[ckpt],
-            enable_progress_bar=False,
-            max_epochs=2,
-            **({"profiler": NullProfiler()} if trim else {}),
-        )
-        model = _module()
-        if trim:
-            trim_dispatch(trainer, model)
-        trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
-        assert (tmp_path / sub / "epoch=0-step=7.ckpt").is_file()  # the per-step hook still runs
-        return {k: v.clone() for k, v in model.net.state_dict().items()}
-
-    plain, trimmed = run(False, "plain"), run(True, "trimmed")
-    assert plain.keys() == trimmed.keys()
-    assert all(torch.equal(plain[k], trimmed[k]) for k in plain)
-
-
-def test_gradient_clipping_still_applies(tmp_path):
-    trainer = _trainer(tmp_path, gradient_clip_val=1e-4, max_steps=1, enable_progress_bar=False)
-    model = _module()
-    trim_dispatch(trainer, model)
-    assert callable(model.configure_gradient_clipping)
-    before = [p.detach().clone() for p in model.net.parameters()]
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
-    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.net.parameters(), before)])
-    assert 0 < step.norm() <= 0.1 * 1e-4 * 1.001  # lr 0.1 times the clipped gradient norm
-
-
-def test_runs_use_the_null_profiler_unless_one_is_configured(tmp_path, monkeypatch):
-    seen = []
-    monkeypatch.setattr(lightning_engine, "trim_dispatch", lambda trainer, module: seen.append(trainer.profiler))
-    for extra in ([], ["+trainer.profiler=simple"]):
-        cfg = compose_cfg(
-            [*QUICK, "data=digits", "trainer.max_epochs=1", "test=false", *extra], tmp_path / str(len(seen))
-        )
-        engines_run.fit(cfg)
-    assert isinstance(seen[0], NullProfiler)
-    assert isinstance(seen[1], SimpleProfiler) and not isinstance(seen[1], NullProfiler)
-    with NullProfiler().profile("anything") as action:
-        assert action is None
-
-
-def test_hook_name_bookkeeping_stays_a_plain_attribute():
-    model = _module()
-    model._current_fx_name = "training_step"  # what Lightning sets around every hook call
-    assert model.__dict__["_current_fx_name"] == "training_step"
-    model.extra = torch.nn.Linear(2, 2)  # any other name still goes through nn.Module
-    assert "extra" in dict(model.named_children())
 
 
 # -- fused steps: steps_per_call optimizer steps per training_step call --------------------------
@@ -129,8 +54,9 @@ def _fit_record(tmp_path, steps_per_call: int, *overrides: str):
         ["trainer.max_epochs=2"],
         ["scheduler=onecycle", "trainer.max_epochs=2"],
         ["scheduler=onecycle", "+trainer.max_steps=100", "model.dropout=0.2"],
+        ["model.batch_norm=true"],
     ],
-    ids=["cosine per epoch", "onecycle per step", "max_steps mid-epoch, dropout"],
+    ids=["cosine per epoch", "onecycle per step", "max_steps mid-epoch, dropout", "batch_norm"],
 )
 def test_fused_steps_train_exactly_as_one_step_per_call(tmp_path, overrides):
     """The same minibatches, steps, schedule, RNG draws: the same weights, metrics and log steps."""
@@ -143,7 +69,7 @@ def test_fused_steps_train_exactly_as_one_step_per_call(tmp_path, overrides):
     assert fused["lr_schedulers"] == plain["lr_schedulers"]
     assert fused_metrics == plain_metrics
     assert fused_tb.keys() == plain_tb.keys()
-    for tag in ("train/loss", "val/acc", "grad_norm/layer_01"):
+    for tag in ("train/loss", "val/acc", "~diagnostics/grad_norm/layer_01"):
         assert fused_tb[tag] == plain_tb[tag], tag  # same values at the same (optimizer) steps
 
 
@@ -213,13 +139,12 @@ class _Probe(Classifier):
 def _fused_trace(tmp_path, direct: bool, spy: L.Callback | None = None):
     L.seed_everything(0, verbose=False)
     spy = spy if spy is not None else _StepSpy()
-    trainer = _trainer(tmp_path, callbacks=[spy], profiler=NullProfiler(), enable_progress_bar=False, max_epochs=2)
+    trainer = _trainer(tmp_path, callbacks=[spy], enable_progress_bar=False, max_epochs=2)
     torch.manual_seed(0)
     model = _Probe(MLP(64, 10, hidden_sizes=(32,)), 10, optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
     dm = DigitsDataModule(batch_size=32)
     model.fuse_steps(8, 32)
     dm.steps_per_call = 8
-    trim_dispatch(trainer, model)
     with pytest.MonkeyPatch.context() as mp:
         if not direct:
             mp.setattr("mlplab.models.classifier.direct_steps_possible", lambda trainer, module: False)
@@ -312,18 +237,14 @@ def test_direct_steps_only_where_they_change_nothing(tmp_path, change):
         def backward(self, loss, *args, **kwargs):
             loss.backward(*args, **kwargs)
 
-    plain = _trainer(tmp_path, profiler=NullProfiler())
+    plain = _trainer(tmp_path)
     assert direct_steps_possible(plain, _module())
     if change == "backward":
         torch.manual_seed(0)
         module = OwnBackward(MLP(64, 10, hidden_sizes=(32,)), 10, optimizer=partial(torch.optim.SGD, lr=0.1))
         assert not direct_steps_possible(plain, module)
     else:
-        kwargs = (
-            {"profiler": SimpleProfiler()}
-            if change == "profiler"
-            else {"precision": "bf16-mixed", "profiler": NullProfiler()}
-        )
+        kwargs = {"profiler": SimpleProfiler()} if change == "profiler" else {"precision": "bf16-mixed"}
         assert not direct_steps_possible(_trainer(tmp_path, **kwargs), _module())
 
 

@@ -111,6 +111,51 @@ def test_mlp_dropout_after_each_hidden_layer_only_in_training():
     assert not any(isinstance(m, nn.Dropout) for m in MLP(64, 10, dropout=0.0).modules())
 
 
+def test_mlp_batch_norm_after_each_hidden_linear_before_its_activation():
+    net = MLP(64, 10, hidden_sizes=[32, 16], batch_norm=True, dropout=0.1)
+    kinds = [type(m).__name__ for m in net.layers]
+    assert kinds == [
+        "Flatten", "Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"
+    ]  # fmt: skip
+    assert [m.num_features for m in net.modules() if isinstance(m, nn.BatchNorm1d)] == [32, 16]
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in MLP(64, 10).modules())  # off by default
+    # Batch statistics in training (and the running averages updated), the running averages in eval.
+    x = torch.rand(8, 1, 8, 8) * 5
+    bn = net.layers[2]
+    net.train()
+    net(x)
+    assert bn.num_batches_tracked == 1 and not torch.equal(bn.running_mean, torch.zeros(32))
+    net.eval()
+    h = net.layers[1](net.layers[0](x))
+    expected = (h - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+    assert torch.allclose(net.layers[2](h), expected, atol=1e-6)
+    with pytest.raises(ConfigError, match="model.batch_norm='yes' is invalid; allowed: true, false"):
+        MLP(64, 10, batch_norm="yes")
+
+
+def test_batch_norm_run_evaluates_to_its_test_accuracy_and_trains_with_ignite(tmp_path):
+    """A batch_norm net's checkpoint (weights and running statistics) tests in eval.py to the
+    run's own test/acc; the ignite engine trains the same net."""
+    from mlplab.engines import evaluate
+
+    acc = train(
+        compose_cfg([*QUICK, "logger=none", "model.batch_norm=true", "optimized_metric=test/acc"], tmp_path / "run")
+    )
+    assert acc > 0.8  # one digits epoch
+    best = next((tmp_path / "run" / "checkpoints").glob("epoch_*.ckpt"))
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    assert "net.layers.2.running_mean" in state and int(state["net.layers.2.num_batches_tracked"]) == 38
+    eval_cfg = compose_cfg([f"ckpt_path={best}", "trainer=cpu", "logger=none"], tmp_path / "eval", config_name="eval")
+    assert evaluate(eval_cfg)["test/acc"] == pytest.approx(acc, abs=1e-6)
+
+    ignite = train(
+        compose_cfg(
+            [*QUICK, "engine=ignite", "model.batch_norm=true", "optimized_metric=test/acc"], tmp_path / "ignite"
+        )
+    )
+    assert ignite == pytest.approx(acc, abs=0.03)  # the same training in another loop
+
+
 @pytest.mark.parametrize("p", [1.0, -0.1, 1.5])
 def test_mlp_bad_dropout(p):
     with pytest.raises(ConfigError, match=f"model.dropout={p}"):

@@ -45,7 +45,7 @@ def _pngs(book: nbformat.NotebookNode) -> int:
 
 
 def _job_dirs(root: Path) -> list[Path]:
-    return sorted(p.parent for p in root.rglob("tensorboard") if p.is_dir())
+    return sorted({p.parent for p in root.rglob("events.out.tfevents.*")})
 
 
 def test_quick_start_notebook_runs(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 ``RUN_BY`` names, for each yaml under conf/, a test that runs it; the tests below run the
 presets that no other test file runs: one short fit each (1 epoch, tiny data or a few
 batches), checking real numbers and the files made. Most are in the default suite; the
-GPU trainers need a GPU and are skipped without one (the only skips here); the SLURM
+GPU trainers (and trainer=mps) need their GPU and are skipped without one (the only skips here); the SLURM
 launcher's sweep runs through the CLI with stand-ins for sbatch/srun/sacct (slow).
 """
 
@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import CONF, REPO, compose_cfg, write_tiny_mnist
 from mlplab.engines import fit
+from mlplab.errors import ConfigError
 
 QUIET = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0", "trainer.enable_model_summary=false"]
 
@@ -39,6 +40,9 @@ RUN_BY = {
     "data/xor": "test_lessons.py::test_xor_preset_learns_xor_and_eval_reproduces_it",
     "data/moons": "test_lessons.py::test_moons_activations_preset",
     "debug/fdr": "test_presets.py::test_fast_dev_run_is_one_batch_in_every_engine",
+    "debug/limit": "test_presets.py::test_limit_preset_runs_a_few_batches_of_each_stage",
+    "debug/profiler": "test_presets.py::test_profiler_preset_reports_and_trains_as_without_it",
+    "debug/default": "test_presets.py::test_debug_default_preset_detects_anomalies_and_logs_debug_lines",
     "debug/overfit": "test_presets.py::test_overfit_preset_memorises_its_batches",
     "experiment/batch_size_sweep": "test_presets.py::test_preset_runs",
     "experiment/digits_numpy": "test_lessons.py::test_digits_numpy_preset_passes_the_lessons_target",
@@ -59,6 +63,7 @@ RUN_BY = {
     "hydra/launcher/slurm": "test_presets.py::test_slurm_launcher_preset_runs_its_jobs",
     "logger/csv": "test_models.py::test_every_model_trains_on_every_dataset",
     "logger/many_loggers": "test_presets.py::test_preset_runs",
+    "logger/mlflow": "test_presets.py::test_mlflow_logger_records_the_run_in_its_local_store",
     "logger/none": "test_lessons.py::test_xor_preset_learns_xor_and_eval_reproduces_it",
     "logger/tensorboard": "test_cli.py::test_single_run_outputs_and_tensorboard",
     "loss/cross_entropy": "test_accuracy.py::test_digits_relu_mlp_reaches_95_percent",
@@ -79,6 +84,7 @@ RUN_BY = {
     "trainer/ddp_cpu": "test_ddp.py::test_multirun_of_ddp_jobs",
     "trainer/gpu": "test_presets.py::test_preset_runs",
     "trainer/ddp": "test_presets.py::test_preset_runs",
+    "trainer/mps": "test_presets.py::test_preset_runs",  # composed and refused here: test_bad_input.py
 }
 
 
@@ -136,7 +142,7 @@ def test_fast_dev_run_is_one_batch_in_every_engine(tmp_path, engine):
     _finite(metrics, "train/loss", "val/acc", "test/acc", "test/loss")
     assert not (out / "checkpoints").exists() and not (out / "numpy_net_best.npz").exists()
     if engine != "lightning":
-        assert metrics["epochs"] == 1 and not (out / "tensorboard").exists()
+        assert metrics["epochs"] == 1 and not list(out.glob("events.out.tfevents.*"))
     if engine == "ignite":  # the same single step as Lightning: the same test numbers
         lightning = fit(compose_cfg([*QUIET, "debug=fdr", "logger=none"], tmp_path / "lightning"))
         assert metrics["test/acc"] == pytest.approx(lightning["test/acc"], abs=1e-6)
@@ -145,10 +151,96 @@ def test_fast_dev_run_is_one_batch_in_every_engine(tmp_path, engine):
         assert metrics["test/acc"] < 0.5
 
 
+def test_limit_preset_runs_a_few_batches_of_each_stage(tmp_path):
+    """debug=limit: 3 epochs of 3 training batches (9 optimizer steps), validation and test
+    on limited batches; the loops without Lightning's limits refuse it in one line."""
+    out = tmp_path / "run"
+    metrics = fit(compose_cfg([*QUIET, "debug=limit", "logger=csv"], out))
+    assert metrics["epochs"] == 3
+    _finite(metrics, "train/loss", "val/acc", "test/acc")
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 9 and last["epoch"] == 2
+    logged = (out / "csv" / "metrics.csv").read_text().splitlines()
+    assert sum(1 for row in logged if ",test/acc" not in row and row.split(",")[-1:] != [""]) > 0
+    for engine in (["engine=ignite"], ["experiment=digits_numpy"]):
+        with pytest.raises(
+            ConfigError, match=r"does not implement trainer.limit_train_batches=3; allowed: engine=lightning"
+        ):
+            fit(compose_cfg([*QUIET, "debug=limit", *engine], tmp_path / engine[0]))
+
+
+def test_profiler_preset_reports_and_trains_as_without_it(tmp_path, caplog):
+    """debug=profiler: Lightning's SimpleProfiler times every hook through Lightning's own
+    dispatch (38 optimizer steps of a digits epoch in 3 fused calls), its reports are in the
+    run dir and named on the console, and the training is the same as without a profiler."""
+    out = tmp_path / "run"
+    with caplog.at_level("INFO", logger="mlplab.engines.lightning"):
+        profiled = fit(compose_cfg([*QUIET, "debug=profiler", "logger=none"], out))
+    plain = fit(compose_cfg([*QUIET, "trainer.max_epochs=1", "logger=none"], tmp_path / "plain"))
+    assert profiled == plain
+    fit_report = (out / "fit-profiler.txt").read_text()
+    assert "FIT Profiler Report" in fit_report
+    rows = {
+        cells[1]: cells
+        for cells in ([c.strip() for c in line.split("|")] for line in fit_report.splitlines() if line.startswith("|"))
+    }
+    assert rows["optimizer_step"][3] == "38" and rows["run_training_batch"][3] == "3"  # calls
+    assert "TEST Profiler Report" in (out / "test-profiler.txt").read_text()
+    assert f"profiler reports: {out / 'fit-profiler.txt'}, {out / 'test-profiler.txt'}" in caplog.text
+    with pytest.raises(ConfigError, match=r"engine=ignite does not implement trainer.profiler="):
+        fit(compose_cfg([*QUIET, "debug=profiler", "engine=ignite"], tmp_path / "ignite"))
+
+
+def test_debug_default_preset_detects_anomalies_and_logs_debug_lines(tmp_path, monkeypatch):
+    """debug=default: one epoch with torch's anomaly detection on and DEBUG lines in the
+    console and train.log (not the thousands of matplotlib's); ignite honours the anomaly
+    detection too, the NumPy engine (no autograd) refuses it in one line."""
+    import os
+
+    from conftest import run_cli
+    from mlplab.runs import read_run_record
+
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "train",
+        [
+            *QUIET,
+            "debug=default",
+            "logger=none",
+            f"hydra.run.dir={run_dir}",
+            "+callbacks.probe._target_=fault_callbacks.AnomalyProbe",
+        ],
+        cwd=tmp_path,
+        env={
+            "MLPLAB_ROOT": str(tmp_path),
+            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+        },
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_run_record(run_dir)["epochs"] == 1
+    log = (run_dir / "train.log").read_text()
+    assert "[mlplab.test][DEBUG] - anomaly detection during training: True" in log
+    assert "[mlplab.engines.run][DEBUG] - net: MLP(" in log and "[DEBUG]" in proc.stdout + proc.stderr
+    assert "font_manager" not in log
+
+    seen = []
+    flatten = torch.nn.Flatten.forward
+    monkeypatch.setattr(
+        torch.nn.Flatten, "forward", lambda self, x: seen.append(torch.is_anomaly_enabled()) or flatten(self, x)
+    )
+    fit(compose_cfg([*QUIET, "debug=default", "engine=ignite"], tmp_path / "ignite"))
+    assert seen and all(seen) and not torch.is_anomaly_enabled()
+    with pytest.raises(ConfigError, match=r"engine=numpy does not implement trainer.detect_anomaly=True; allowed"):
+        fit(compose_cfg([*QUIET, "debug=default", "experiment=digits_numpy"], tmp_path / "numpy"))
+
+
 # -- the other presets: one short run each ---------------------------------------------------------
 
 ON_IMAGES = ["data.download=false", "data.val_size=10", "data.eval_batch_size=16"]
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="trainer=gpu/ddp need a CUDA GPU; none is visible")
+MPS = pytest.mark.skipif(
+    not torch.backends.mps.is_available(), reason="trainer=mps needs an Apple GPU; none is visible"
+)
 
 #: id -> (overrides, on tiny MNIST/Fashion files, lowest test/acc: digits runs must beat chance)
 CASES = {
@@ -173,10 +265,14 @@ CASES = {
     "experiment=vanishing_gradient": (["experiment=vanishing_gradient"], False, None),
     "trainer=gpu": (["trainer=gpu"], False, 0.5),
     "trainer=ddp": (["trainer=ddp"], False, 0.5),
+    "trainer=mps": (["trainer=mps"], False, 0.5),
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=GPU) if c.startswith("trainer=") else c for c in CASES])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=MPS if c == "trainer=mps" else GPU) if c.startswith("trainer=") else c for c in CASES],
+)
 def test_preset_runs(tmp_path, tiny_images, case):
     overrides, images, lowest = CASES[case]
     if not case.startswith("trainer="):
@@ -195,15 +291,41 @@ def test_preset_runs(tmp_path, tiny_images, case):
     assert (out / "checkpoints" / "last.ckpt").is_file()
 
     if case == "callbacks=diagnostics":  # every diagnostic at full rate, after one epoch
-        tags = _tags(out / "tensorboard")
-        assert any(t.startswith("weights/") for t in tags["histograms"]), tags["histograms"]
-        assert any(t.startswith("gradients/") for t in tags["histograms"]), tags["histograms"]
-        assert "grad_norm/by_depth" in tags["images"] and "test/confusion_matrix" in tags["images"], tags["images"]
+        tags = _tags(out)
+        assert any(t.startswith("~diagnostics/weights/") for t in tags["histograms"]), tags["histograms"]
+        assert any(t.startswith("~diagnostics/gradients/") for t in tags["histograms"]), tags["histograms"]
+        assert "~diagnostics/grad_norm/by_depth" in tags["images"] and "test/confusion_matrix" in tags["images"], tags[
+            "images"
+        ]
     elif case == "callbacks=early_stopping":  # val/acc never improves: stops after 1 + patience 3 epochs
         assert metrics["epochs"] == 4
     elif case == "logger=many_loggers":
         assert "val/acc" in (out / "csv" / "metrics.csv").read_text()
-        assert "val/acc" in _tags(out / "tensorboard")["scalars"]
+        assert "val/acc" in _tags(out)["scalars"]
+
+
+def test_mlflow_logger_records_the_run_in_its_local_store(tmp_path):
+    """logger=mlflow, read back with MLflow's own client from the SQLite store under the log
+    dir (what `mlflow ui` shows): the run named after its dir, its parameters, and every
+    metric with the values the run reports."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "runs" / "12-00-00_abc123"
+    cfg = compose_cfg([*QUIET, "logger=mlflow", "trainer.max_epochs=2"], out)
+    cfg.paths.log_dir = str(tmp_path)
+    metrics = fit(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    [run] = client.search_runs([client.get_experiment_by_name("mlplab").experiment_id])
+    assert run.info.run_name == "12-00-00_abc123" and run.info.status == "FINISHED"
+    assert run.data.tags["output_dir"] == str(out)
+    params = run.data.params
+    assert params["optimizer.lr"] == "0.05" and params["model._target_"] == "mlplab.models.MLP"
+    assert params["model.hidden_sizes"] == "[256, 128]" and params["trainer.max_epochs"] == "2"
+    for key in ("train/loss", "train/acc", "val/acc", "val/acc_best", "test/acc", "test/loss"):
+        assert run.data.metrics[key] == pytest.approx(metrics[key], rel=1e-6), key
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2  # one a epoch
+    assert len(client.get_metric_history(run.info.run_id, "test/acc")) == 1
+    assert not (tmp_path / "mlflow-artifacts").exists() and not (tmp_path / "mlruns").exists()
 
 
 # -- hydra/launcher=slurm: submitit's sbatch file, run by a stand-in for SLURM -------------------

@@ -78,11 +78,15 @@ def _assert_same_as_reference(run_dir: Path, ref_dir: Path) -> None:
     assert best.name == ref_best.name
     assert_same_nested(load_ckpt(best)["state_dict"], load_ckpt(ref_best)["state_dict"], "best")
     # One TensorBoard run, continued: every scalar at every step equals the reference.
-    scalars, ref_scalars = _scalars(run_dir / "tensorboard"), _scalars(ref_dir / "tensorboard")
+    scalars, ref_scalars = _scalars(run_dir), _scalars(ref_dir)
     assert {"train/loss", "val/acc", "val/acc_best", "test/acc"} <= set(ref_scalars)
     for tag, values in ref_scalars.items():
         assert scalars[tag] == values, tag
     assert len(scalars["val/acc"]) == EPOCHS
+    # The Custom Scalars layout was written when the run started, not again by the resumed one.
+    ea = EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    ea.Reload()
+    assert len(ea.Tensors("custom_scalars__config__")) == 1
     assert not list(run_dir.rglob("*.partial"))
 
 
@@ -285,7 +289,7 @@ def test_huge_learning_rate_fails_the_run_and_the_record_says_so(tmp_path: Path,
     record = runs.read_run_record(out)
     assert record["status"] == "failed" and record["error"] == line.removeprefix("error: ")
     assert not list(out.rglob("*.ckpt"))  # nothing good to keep: it diverged in the first epoch
-    assert (out / "tensorboard").is_dir()  # the run's logs stay, for a look at what happened
+    assert list(out.glob("events.out.tfevents.*"))  # the run's logs stay, for a look at what happened
 
 
 # -- never overwrite ---------------------------------------------------------------------------

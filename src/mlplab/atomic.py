@@ -123,24 +123,6 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(target, text.encode())
 
 
-def atomic_link(source: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Make ``target`` a hard link to ``source``, atomically (a fresh link name, then rename)."""
-    target = Path(target)
-    for _ in range(100):
-        tmp = target.with_name(f".{target.name}.{os.urandom(4).hex()}{PARTIAL_SUFFIX}")
-        try:
-            os.link(source, tmp)  # fails if tmp exists: never reuses a planted name
-        except FileExistsError:
-            continue
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            _discard(tmp)
-            raise
-        return
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(target))
-
-
 def is_partial(path: Path) -> bool:
     """A temporary file of :func:`atomic_path` (or the older ``<name>.partial`` form)."""
     return path.name.endswith(PARTIAL_SUFFIX)

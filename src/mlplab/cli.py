@@ -50,12 +50,14 @@ def register_resolvers() -> None:
       sweep land in one sweep dir (tested with both).
     - ``${job_dirname:num,overrides}``: a sweep job's dir name, ``<num>_<its overrides>``
       made filesystem-safe (:func:`mlplab.sweeps.job_dirname`).
+    - ``${basename:path}``: the last part of a path (``logger=mlflow`` names its run after the run dir).
     """
     from mlplab.sweeps import job_dirname
 
     token = secrets.token_hex(3)
     OmegaConf.register_new_resolver("uid", lambda: token, replace=True)
     OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
+    OmegaConf.register_new_resolver("basename", lambda path: Path(str(path)).name, replace=True)
 
 
 def set_project_root(entry_file: str) -> None:
@@ -81,8 +83,10 @@ def prepare_argv() -> None:
         sys.exit(EXIT_USER_ERROR)
 
 
-#: What marks a dir as holding a run (a sweep dir holds job dirs: any entry at all).
+#: What marks a dir as holding a run (a sweep dir holds job dirs: any entry at all); TensorBoard's
+#: event files lie in the run dir itself (``tensorboard/`` in runs made before that).
 RUN_ARTIFACTS = (".hydra", runs.RUN_FILE, "checkpoints", "tensorboard", "csv")
+EVENT_FILES = "events.out.tfevents.*"
 
 
 class CheckOutputDir(Callback):
@@ -104,7 +108,11 @@ class CheckOutputDir(Callback):
             sys.exit(EXIT_USER_ERROR)
 
         # A run's own files (not logs: DDP ranks may already be writing theirs).
-        if fresh and path.is_dir() and any((path / name).exists() for name in RUN_ARTIFACTS):
+        if (
+            fresh
+            and path.is_dir()
+            and (any((path / name).exists() for name in RUN_ARTIFACTS) or any(path.glob(EVENT_FILES)))
+        ):
             fail(
                 "already holds an earlier run, which is never overwritten",
                 f"a new dir (leave {key} at its default, unique per run), or resume=<run dir> to continue a run",

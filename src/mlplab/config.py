@@ -97,6 +97,11 @@ def validate_hardware(cfg: DictConfig) -> None:
             f"trainer.accelerator={accelerator} but this machine has no usable GPU (CUDA); "
             "allowed: trainer=cpu, trainer=default (auto: the CPU here) or trainer=ddp_cpu"
         )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            "trainer.accelerator=mps but this machine has no usable Apple GPU (MPS); "
+            "allowed: trainer=cpu, or trainer=default (auto: the CPU here)"
+        )
     if accelerator == "mps" or devices in ("auto", -1, "-1"):
         return
     if isinstance(devices, str) and "," not in devices:  # "2" is a count, "0,1" ids (Lightning's reading)

@@ -85,7 +85,9 @@ def train(overrides: Sequence[str] | DictConfig = ()) -> Run:
 def _events(run_dir: str | os.PathLike):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tb = Path(run_dir) / "tensorboard"
+    tb = Path(run_dir)
+    if not list(tb.glob("events.out.tfevents.*")) and list((tb / "tensorboard").glob("events.out.tfevents.*")):
+        tb = tb / "tensorboard"  # a run made when event files had a subfolder of their own
     if not list(tb.glob("events.out.tfevents.*")):
         raise FileNotFoundError(f"no TensorBoard event file in {tb}")
     ea = EventAccumulator(str(tb), size_guidance={"scalars": 0, "images": 0, "tensors": 0, "histograms": 0})
@@ -94,7 +96,7 @@ def _events(run_dir: str | os.PathLike):
 
 
 def scalars(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of a run: ``{tag: [(step, value), ...]}`` (e.g. ``"val/acc"``, ``"grad_norm/layer_01"``)."""
+    """Every scalar of a run: ``{tag: [(step, value), ...]}`` (e.g. ``"val/acc"``, ``"~diagnostics/grad_norm/layer_01"``)."""
     ea = _events(run_dir)
     return {tag: [(e.step, e.value) for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
 

@@ -9,8 +9,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mlplab.callbacks.base import LeanCallback
-from mlplab.callbacks.plotting import class_names, log_figure, new_figure, tensorboard_writer
+from mlplab.callbacks.plotting import (
+    FIGURE_WIDTH,
+    FONT_SIZE,
+    class_names,
+    log_figure,
+    new_figure,
+    style_axes,
+    tensorboard_writer,
+)
 from mlplab.validation import positive_int
 
 
@@ -55,7 +62,7 @@ def boundary_figure(
     k = len(names)
     colors = [f"C{i % 10}" for i in range(k)]
     cmap = ListedColormap(colors)
-    fig = new_figure(4.6, 4.0)
+    fig = new_figure(FIGURE_WIDTH, 4.2)
     ax = fig.add_subplot()
     ax.contourf(xx, yy, classes, levels=np.arange(-0.5, k), cmap=cmap, alpha=0.3)
     pts, labels = x.detach().float().reshape(len(x), 2).cpu().numpy(), y.cpu().numpy()
@@ -65,12 +72,13 @@ def boundary_figure(
             ax.scatter(
                 pts[sel, 0], pts[sel, 1], s=12, color=colors[c], edgecolors="black", linewidths=0.3, label=names[c]
             )
-    ax.legend(fontsize=7, loc="best")
-    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=FONT_SIZE - 1, loc="best")
+    ax.set_title(title)
+    style_axes(ax)
     return fig
 
 
-class DecisionBoundary(LeanCallback):
+class DecisionBoundary(L.Callback):
     """Image ``train/decision_boundary`` every ``every_n_epochs`` epochs and at the end of
     training (the training points), and ``test/decision_boundary`` at test end (the test
     points, the tested weights). Only for two-dimensional inputs (the DataModule's

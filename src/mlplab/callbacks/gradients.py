@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from mlplab.callbacks.base import LeanCallback
-from mlplab.callbacks.plotting import log_figure, new_figure, tensorboard_writer
+from mlplab.callbacks.plotting import FIGURE_WIDTH, log_figure, new_figure, style_axes, tensorboard_writer
+from mlplab.tensorboard_view import diagnostic
 from mlplab.validation import positive_int
 
 
@@ -32,13 +32,13 @@ def gradient_norms(module: torch.nn.Module) -> Tensor:
     )
 
 
-class GradientNorms(LeanCallback):
-    """Logs ``grad_norm/layer_01``, ``grad_norm/layer_02``, ... and a depth-vs-norm figure.
+class GradientNorms(L.Callback):
+    """Logs ``~diagnostics/grad_norm/layer_01``, ``_02``, ... and a depth-vs-norm figure.
 
     Nothing runs on other steps: on every ``every_n_steps``-th optimizer step (default:
     the trainer's ``log_every_n_steps``; step 0 included, the gradients at
     initialisation) the norms are computed in one stacked tensor on the device and
-    logged as scalars to every logger. The figure ``grad_norm/by_depth`` (log-scale norm
+    logged as scalars to every logger. The figure ``~diagnostics/grad_norm/by_depth`` (log-scale norm
     against layer depth, TensorBoard only) is drawn from the first logged step, then
     every ``figure_every_n_epochs`` epochs (null: only at the end of training) from the
     mean of the norms logged since the previous figure.
@@ -75,7 +75,7 @@ class GradientNorms(LeanCallback):
             return
         values = norms.tolist()  # the one host sync, on logging steps only
         self.history.append((step, values))
-        metrics = {f"grad_norm/layer_{i:02d}": v for i, v in enumerate(values, start=1)}
+        metrics = {diagnostic(f"grad_norm/layer_{i:02d}"): v for i, v in enumerate(values, start=1)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         self._pending.append(norms.detach().float().cpu())
@@ -100,13 +100,14 @@ class GradientNorms(LeanCallback):
         if writer is None:
             return
         self._figures += 1
-        fig = new_figure(5.0, 3.2)
+        fig = new_figure(FIGURE_WIDTH, 3.4)
         ax = fig.add_subplot()
         depth = range(1, len(mean) + 1)
         ax.semilogy(depth, mean.clamp_min(1e-30).numpy(), marker="o")
         ax.set_xlabel("layer (1 = nearest the input)")
         ax.set_ylabel("gradient L2 norm")
         ax.set_xticks(list(depth))
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        log_figure(writer, "grad_norm/by_depth", fig, trainer.global_step)
+        style_axes(ax)
+        log_figure(writer, diagnostic("grad_norm/by_depth"), fig, trainer.global_step)

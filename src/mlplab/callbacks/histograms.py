@@ -6,14 +6,14 @@ from typing import Any
 
 import lightning as L
 
-from mlplab.callbacks.base import LeanCallback
 from mlplab.callbacks.gradients import layer_weights
 from mlplab.callbacks.plotting import tensorboard_writer
+from mlplab.tensorboard_view import diagnostic
 from mlplab.validation import positive_int
 
 
-class WeightHistograms(LeanCallback):
-    """TensorBoard histograms ``weights/layer_01``, ... (and ``gradients/layer_01``, ...).
+class WeightHistograms(L.Callback):
+    """TensorBoard histograms ``~diagnostics/weights/layer_01``, ... (and ``~diagnostics/gradients/layer_01``, ...).
 
     Layers are numbered as in :class:`~mlplab.callbacks.GradientNorms` (weight matrices,
     input side first). Weights are logged when training starts (the initialisation), at
@@ -31,8 +31,6 @@ class WeightHistograms(LeanCallback):
             else positive_int("callbacks.weight_histograms.every_n_epochs", every_n_epochs)
         )
         self.gradients = bool(gradients)
-        if not (self.gradients and self.every_n_epochs):
-            self.skip("on_train_batch_end")
         self._last_step: int | None = None
 
     def _due(self, trainer: L.Trainer) -> bool:
@@ -46,7 +44,7 @@ class WeightHistograms(LeanCallback):
             values = p if what == "weights" else p.grad
             if values is not None:
                 writer.add_histogram(
-                    f"{what}/layer_{i:02d}", values.detach().float().cpu(), global_step=trainer.global_step
+                    diagnostic(f"{what}/layer_{i:02d}"), values.detach().float().cpu(), global_step=trainer.global_step
                 )
         if what == "weights":
             self._last_step = trainer.global_step
@@ -57,7 +55,7 @@ class WeightHistograms(LeanCallback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if batch_idx + 1 == trainer.num_training_batches and self._due(trainer):
+        if self.gradients and batch_idx + 1 == trainer.num_training_batches and self._due(trainer):
             self._log(trainer, pl_module, "gradients")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -8,8 +8,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from mlplab.callbacks.base import LeanCallback
 from mlplab.callbacks.plotting import (
+    FONT_SIZE,
     class_names,
     image_grid,
     input_shape,
@@ -20,7 +20,7 @@ from mlplab.callbacks.plotting import (
 from mlplab.validation import positive_int
 
 
-class MisclassifiedImages(LeanCallback):
+class MisclassifiedImages(L.Callback):
     """The first ``max_images`` test images the model gets wrong, as image ``test/misclassified``.
 
     Each picture is titled ``<predicted>`` over ``(<true>)``, in red. Image data only
@@ -28,7 +28,7 @@ class MisclassifiedImages(LeanCallback):
     only; under DDP, rank 0's share of the test set. Collection stops once the grid is full.
     """
 
-    def __init__(self, max_images: int = 32, ncols: int = 8) -> None:
+    def __init__(self, max_images: int = 24, ncols: int = 6) -> None:
         super().__init__()
         self.max_images = positive_int("callbacks.misclassified.max_images", max_images)
         self.ncols = positive_int("callbacks.misclassified.ncols", ncols)
@@ -73,7 +73,7 @@ class MisclassifiedImages(LeanCallback):
         names = class_names(trainer, int(max(preds.max(), targets.max())) + 1)
         titles = [f"{names[p]}\n({names[t]})" for p, t in zip(preds.tolist(), targets.tolist())]
         fig = image_grid(images, titles, input_shape(trainer), colors=["red"] * len(titles), ncols=self.ncols)
-        fig.suptitle("misclassified test images: predicted (true)", fontsize=9)
+        fig.suptitle("misclassified test images: predicted (true)", fontsize=FONT_SIZE)
         log_figure(writer, "test/misclassified", fig, trainer.global_step)
         self.num_logged = len(titles)
         self._images, self._preds, self._targets = [], [], []

@@ -4,6 +4,11 @@ Images, histograms and text go to TensorBoard only: with no ``TensorBoardLogger`
 rank other than 0 under DDP) :func:`tensorboard_writer` returns ``None`` and the callbacks
 skip that work. Figures are drawn with matplotlib's object API (no ``pyplot`` state, no
 GUI backend) and rendered to an RGB array with the Agg canvas.
+
+Sizes: TensorBoard shows an image at most as wide as its card (the Time Series tab's cards
+are 335 px and up; an image is scaled down to fit), so figures are at most
+:data:`FIGURE_WIDTH` inches at 100 dpi (480 px) and their text is :data:`FONT_SIZE` points
+(14 px, about 10 px on the narrowest card).
 """
 
 from __future__ import annotations
@@ -49,10 +54,24 @@ def is_image_shape(shape: tuple[int, ...] | None) -> bool:
     return (len(shape) == 3 and shape[0] in (1, 3)) or len(shape) == 2
 
 
+#: Inches (at :data:`DPI`) of a figure's width: 480 px, whole on a TensorBoard image card.
+FIGURE_WIDTH = 4.8
+DPI = 100
+#: Points of every text in a figure: tick labels, titles, counts.
+FONT_SIZE = 10.0
+
+
 def new_figure(width: float, height: float) -> Any:
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return Figure(figsize=(min(width, FIGURE_WIDTH), height), dpi=DPI, layout="constrained")
+
+
+def style_axes(ax: Any, fontsize: float = FONT_SIZE) -> None:
+    """Title, axis labels and tick labels of ``ax`` in ``fontsize`` points."""
+    for text in (ax.title, ax.xaxis.label, ax.yaxis.label):
+        text.set_fontsize(fontsize)
+    ax.tick_params(labelsize=fontsize)
 
 
 def figure_to_array(fig: Any) -> np.ndarray:
@@ -86,25 +105,29 @@ def image_grid(
     titles: Sequence[str],
     shape: tuple[int, ...],
     colors: Sequence[str] | None = None,
-    ncols: int = 8,
+    ncols: int = 6,
 ) -> Any:
-    """A figure with the inputs tiled in one picture, each titled (e.g. ``"Shirt\n(Coat)"``).
+    """A figure :data:`FIGURE_WIDTH` wide with the inputs tiled in one picture, each titled
+    (e.g. ``"Shirt\n(Coat)"``) in :data:`FONT_SIZE` points: fewer than ``ncols`` columns
+    where the titles are too long for that.
 
     One Axes holding one mosaic, titles as text above each tile: drawing 32 separate
     subplots takes seconds, this a tenth of one.
     """
     n = len(images)
-    ncols = max(1, min(ncols, n))
+    longest = max((len(line) for t in titles for line in t.split("\n")), default=1)
+    fit = int(FIGURE_WIDTH * 72 / (max(longest, 4) * 0.62 * FONT_SIZE))  # columns whose titles fit their tile
+    ncols = max(1, min(ncols, n, fit))
     nrows = max(1, math.ceil(n / ncols))
     pictures = [_as_picture(images[i], shape) for i in range(n)]
     h, w = pictures[0].shape[:2]
-    inch = 1.1 / w  # inches per input pixel: every tile is 1.1 inch wide
+    gap = max(1, round(0.08 * w))  # input pixels between tiles
+    inch = FIGURE_WIDTH / (ncols * (w + gap) + gap)  # inches per input pixel
     lines = max((t.count("\n") + 1 for t in titles), default=1)
-    gap = max(1, round(0.08 / inch))  # pixels between tiles
-    band = round((lines * 7 * 1.25 / 72 + 0.04) / inch)  # room above each tile for its 7-pt title
+    band = round((lines * FONT_SIZE * 1.2 / 72 + 0.04) / inch)  # room above each tile for its title
     cell_h, cell_w = h + band, w + gap
     mosaic = np.ones((nrows * cell_h + gap, ncols * cell_w + gap, *pictures[0].shape[2:]))
-    head = 0.35  # inches on top for a suptitle
+    head = 0.4  # inches on top for a suptitle
     width, height = mosaic.shape[1] * inch, mosaic.shape[0] * inch
     fig = new_figure(width, height + head)
     fig.set_layout_engine("none")
@@ -120,7 +143,7 @@ def image_grid(
             titles[i],
             ha="center",
             va="bottom",
-            fontsize=7,
+            fontsize=FONT_SIZE,
             color=colors[i] if colors else "black",
             linespacing=1.0,
         )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from mlplab.callbacks.base import LeanCallback
 from mlplab.callbacks.plotting import (
+    FONT_SIZE,
     class_names,
     image_grid,
     input_shape,
@@ -17,7 +17,7 @@ from mlplab.callbacks.plotting import (
 from mlplab.validation import positive_int
 
 
-class SampleInputs(LeanCallback):
+class SampleInputs(L.Callback):
     """The first ``num_images`` training inputs, as the model sees them (after
     normalisation), titled with their class names: image ``train/samples``.
 
@@ -25,7 +25,7 @@ class SampleInputs(LeanCallback):
     run's batches are the same with or without it). Image data and TensorBoard only.
     """
 
-    def __init__(self, num_images: int = 32, ncols: int = 8) -> None:
+    def __init__(self, num_images: int = 24, ncols: int = 6) -> None:
         super().__init__()
         self.num_images = positive_int("callbacks.sample_inputs.num_images", num_images)
         self.ncols = positive_int("callbacks.sample_inputs.ncols", ncols)
@@ -42,5 +42,5 @@ class SampleInputs(LeanCallback):
         labels = [int(item[1]) for item in items]
         names = class_names(trainer, max(labels) + 1)
         fig = image_grid(images, [names[y] for y in labels], shape, ncols=self.ncols)
-        fig.suptitle("training inputs (after preprocessing)", fontsize=9)
+        fig.suptitle("training inputs (after preprocessing)", fontsize=FONT_SIZE)
         log_figure(writer, "train/samples", fig, trainer.global_step)

@@ -15,8 +15,15 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from mlplab.callbacks.base import LeanCallback
-from mlplab.callbacks.plotting import class_names, log_figure, new_figure, tensorboard_writer
+from mlplab.callbacks.plotting import (
+    FIGURE_WIDTH,
+    FONT_SIZE,
+    class_names,
+    log_figure,
+    new_figure,
+    style_axes,
+    tensorboard_writer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +48,7 @@ def format_report(rows: list[tuple], accuracy: float, markdown: bool) -> str:
     return "\n".join(lines) + f"\n{'accuracy':>{width}}  {accuracy:.4f}"
 
 
-class TestReport(LeanCallback):
+class TestReport(L.Callback):
     """Confusion matrix and per-class precision, recall, F1 of the test set.
 
     Predictions are accumulated on the device during testing (torchmetrics; summed
@@ -104,18 +111,26 @@ class TestReport(LeanCallback):
 
 
 def confusion_figure(confusion: Tensor, names: Sequence[str]) -> Any:
-    """Counts as a heat map, true class down, predicted class across; counts written in (<= 20 classes)."""
+    """Counts as a heat map, true class down, predicted class across, :data:`FIGURE_WIDTH` wide;
+    counts written in (<= 20 classes), in :data:`FONT_SIZE` points up to 10 classes."""
     k = confusion.size(0)
-    size = max(4.0, 0.45 * k + 2.0)
-    fig = new_figure(size, size * 0.9)
+    fig = new_figure(FIGURE_WIDTH, FIGURE_WIDTH * 0.92)
     ax = fig.add_subplot()
     counts = confusion.numpy()
     im = ax.imshow(counts, cmap="Blues")
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    ax.set_xticks(range(k), labels=list(names), rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), labels=list(names), fontsize=8)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar.ax.tick_params(labelsize=FONT_SIZE - 1)
+    slanted = max(map(len, names), default=0) > 2  # class names, not digits: slanted to fit
+    ax.set_xticks(range(k), labels=list(names), rotation=45 if slanted else 0, ha="right" if slanted else "center")
+    ax.set_yticks(range(k), labels=list(names))
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    ax.set_title(f"test confusion matrix ({int(counts.sum())} samples)")
+    fontsize = FONT_SIZE * min(1.0, 10 / max(k, 1))  # smaller cells beyond 10 classes
+    style_axes(ax, max(fontsize, 6.0))
+    ax.title.set_fontsize(FONT_SIZE)
+    digits = len(str(int(counts.max()))) if counts.size else 1
+    fontsize *= min(1.0, 3.5 / digits)  # four-digit counts (MNIST's test set) still inside their cells
     if k <= 20:
         threshold = counts.max() / 2 if counts.size else 0
         for i in range(k):
@@ -126,8 +141,7 @@ def confusion_figure(confusion: Tensor, names: Sequence[str]) -> Any:
                     str(counts[i, j]),
                     ha="center",
                     va="center",
-                    fontsize=7,
+                    fontsize=fontsize,
                     color="white" if counts[i, j] > threshold else "black",
                 )
-    ax.set_title(f"test confusion matrix ({int(counts.sum())} samples)", fontsize=9)
     return fig

@@ -9,12 +9,13 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from mlplab.atomic import atomic_write_text
+from mlplab.tensorboard_view import diagnostic
 
 
 class EpochTimer(L.Callback):
     """Records the wall time of each epoch, from one epoch's start to the next one's.
 
-    The times land in ``self.epoch_seconds``, are logged as ``time/epoch_s`` and, with
+    The times land in ``self.epoch_seconds``, are logged as ``~diagnostics/epoch_seconds`` and, with
     ``out_file``, written as JSON (``{"epoch_seconds": [...]}``, atomically) when fitting ends.
     """
 
@@ -31,7 +32,7 @@ class EpochTimer(L.Callback):
         self.epoch_seconds.append(seconds)
         if self.log and trainer.loggers:
             for logger in trainer.loggers:
-                logger.log_metrics({"time/epoch_s": seconds}, step=trainer.global_step)
+                logger.log_metrics({diagnostic("epoch_seconds"): seconds}, step=trainer.global_step)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._close_epoch(trainer)

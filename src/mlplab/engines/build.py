@@ -17,6 +17,7 @@ such a node wrong is one :class:`~mlplab.errors.ConfigError` line, not a traceba
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import inspect
 import logging
 import os
@@ -34,7 +35,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mlplab.data import TensorDataModule
 from mlplab.errors import ConfigError, MlplabError
-from mlplab.groups import choices
+from mlplab.groups import choices, group_options
 from mlplab.models import ClassificationLoss, CrossEntropy
 from mlplab.models.classifier import build_scheduler
 
@@ -72,6 +73,7 @@ def check_targets(cfg: DictConfig) -> None:
     _check_top_level_keys(cfg)
     for path, node in _target_nodes(cfg, ""):
         target = node.get("_target_")
+        _check_optional_package(path, str(target))
         try:
             obj = _locate(str(target))
         except Exception as err:
@@ -93,6 +95,29 @@ def check_targets(cfg: DictConfig) -> None:
                 )
             if key not in params and not _takes_any_keyword(params):
                 raise _unknown_key(path, node, key, params, SUPPLIED.get(path, {}))
+
+
+#: ``_target_`` -> (the package it needs, the pyproject extra that installs it).
+OPTIONAL_PACKAGES = {"lightning.pytorch.loggers.MLFlowLogger": ("mlflow", "mlflow")}
+
+
+def _check_optional_package(path: str, target: str) -> None:
+    """A target that needs an optional package which is not installed: one line naming the extra."""
+    if target not in OPTIONAL_PACKAGES:
+        return
+    package, extra = OPTIONAL_PACKAGES[target]
+    try:
+        installed = importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken install, or one blocked by sys.modules[name] = None
+        installed = False
+    if not installed:
+        group = path.split(".", 1)[0]
+        label = _label(group)
+        others = [o for o in group_options(group) if f"{group}={o}" != label]
+        raise ConfigError(
+            f'{label} needs the {package} package; install it with pip install -e ".[{extra}]"; '
+            f"allowed without it: {group}={'|'.join(others)}"
+        )
 
 
 def _target_nodes(node: Any, path: str) -> Iterator[tuple[str, DictConfig]]:

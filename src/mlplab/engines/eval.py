@@ -31,12 +31,10 @@ from mlplab.engines.checkpoints import (
 from mlplab.engines.lightning import (
     as_floats,
     lightning_warnings_filtered,
-    profiler_kwargs,
 )
 from mlplab.engines.run import announce, denormals, describe_data, describe_net, load_data, report, threads
 from mlplab.errors import CheckpointError
 from mlplab.hparams import flat_hparams, log_hparams
-from mlplab.lightning_ext.fastpath import trim_dispatch
 from mlplab.models import Classifier
 
 
@@ -81,10 +79,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer,
         logger=loggers or False,
         callbacks=_instantiate_group(cfg.get("callbacks"), "callbacks"),
-        **profiler_kwargs(cfg),
     )
-    trim_dispatch(trainer, model)
-    log_hparams(loggers, flat_hparams(stored), metrics=("test/acc", "test/loss"))
+    log_hparams(loggers, flat_hparams(stored), metrics=("test/acc", "test/loss"), layout=False)  # no curves to chart
     trainer.test(model, datamodule=dm, verbose=False)
     metrics = as_floats(trainer.callback_metrics)
     report(metrics, cfg)

@@ -9,7 +9,8 @@ last weights. The best weights are tested at the end, as with Lightning. A run t
 diverges (a non-finite training loss or weight) stops with :class:`DivergenceError` at
 the end of that epoch, before its validation and checkpoints, as with Lightning.
 ``trainer.fast_dev_run`` (``debug=fdr``) is honoured as Lightning does: ``n`` batches (true:
-1) of training, validation and test in one epoch, no checkpoint, no TensorBoard.
+1) of training, validation and test in one epoch, no checkpoint, no TensorBoard; so is
+``trainer.detect_anomaly`` (``debug=default``): torch's anomaly detection around the run.
 """
 
 from __future__ import annotations
@@ -45,10 +46,14 @@ def _device(cfg: DictConfig) -> torch.device:
     devices = OmegaConf.select(cfg, "trainer.devices", default=1)
     if devices not in (1, "1", "auto") or OmegaConf.select(cfg, "trainer.strategy", default=None) not in (None, "auto"):
         raise ConfigError(
-            f"engine=ignite runs on one device (trainer.devices={devices}); allowed: trainer=default|cpu|gpu"
+            f"engine=ignite runs on one device (trainer.devices={devices}); allowed: trainer=default|cpu|gpu|mps"
         )
     if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
+    if accelerator == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("trainer.accelerator=mps but no Apple GPU (MPS) is visible; allowed: cpu, auto")
+        return torch.device("mps")
     if not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} but no GPU is visible; allowed: cpu, auto")
     return torch.device("cuda")
@@ -90,6 +95,16 @@ def fit(
 
     ``epoch_seconds``, if given, receives each epoch's wall time (training + validation).
     """
+    anomaly = OmegaConf.select(cfg, "trainer.detect_anomaly", default=None)
+    if anomaly not in (None, True, False):
+        raise ConfigError(f"trainer.detect_anomaly={anomaly!r} is invalid; allowed: true, false")
+    with torch.autograd.set_detect_anomaly(bool(anomaly)):  # as Lightning's Trainer(detect_anomaly=...)
+        return _fit(cfg, dm, net, ckpt_path, epoch_seconds)
+
+
+def _fit(
+    cfg: DictConfig, dm, net: nn.Module, ckpt_path: Path | None, epoch_seconds: list[float] | None
+) -> dict[str, float]:
     if ckpt_path is not None or cfg.get("resume"):
         raise ConfigError("engine=ignite cannot resume (resume=, ckpt_path=); allowed: engine=lightning")
     device = _device(cfg)
@@ -145,7 +160,7 @@ def fit(
     best_ckpt: Checkpoint | None = None
     last_ckpt: Checkpoint | None = None
     if not fast_dev_run:
-        tb = TensorboardLogger(log_dir=str(out_dir / "tensorboard"))
+        tb = TensorboardLogger(log_dir=str(out_dir))  # the run dir names the TensorBoard run
         write_hparams_summary(tb.writer, flat_hparams(cfg), HPARAM_METRICS)
         tb.attach_output_handler(
             trainer, Events.EPOCH_COMPLETED, tag="train", metric_names=["loss", "acc"], global_step_transform=step

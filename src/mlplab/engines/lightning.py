@@ -20,6 +20,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -39,7 +41,6 @@ from mlplab.engines.checkpoints import (
 )
 from mlplab.errors import RunInterrupted
 from mlplab.hparams import flat_hparams, log_hparams
-from mlplab.lightning_ext.fastpath import NullProfiler, trim_dispatch
 from mlplab.models import Classifier
 from mlplab.rundir import checkpoint_progress, newest_last_checkpoint, resume_command
 from mlplab.runs import mark_training_started
@@ -66,7 +67,13 @@ _NOISE = (
     "HPU available:",
     "\U0001f4a1 Tip:",
     "`Trainer.fit` stopped: `max_epochs=",
+    # logger=mlflow's first run: the store and the experiment are made, as expected.
+    "Experiment with name",
+    "Creating initial MLflow database tables",
+    "Updating database tables",
 )
+#: The loggers those lines come from.
+_NOISY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.loggers.mlflow", "mlflow.store.db.utils")
 
 
 class _DropNoise(logging.Filter):
@@ -79,15 +86,17 @@ def lightning_warnings_filtered() -> Iterator[None]:
     """Lightning's hints that do not apply here and its console noise, silenced for the run only
     (no process-wide filter): the console says what mlplab does, in its own lines."""
     noise = _DropNoise()
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    logger.addFilter(noise)
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(noise)
     try:
         with warnings.catch_warnings():
             for pattern in _NOT_APPLICABLE:
                 warnings.filterwarnings("ignore", message=pattern)
             yield
     finally:
-        logger.removeFilter(noise)
+        for logger in loggers:
+            logger.removeFilter(noise)
 
 
 def as_floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -124,12 +133,11 @@ def _fit(cfg: DictConfig, dm: TensorDataModule, net: torch.nn.Module, ckpt_path:
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
-        **profiler_kwargs(cfg),
     )
-    trim_dispatch(trainer, model)
     steps_per_call = _steps_per_call(cfg, trainer)
     model.fuse_steps(steps_per_call, dm.batch_size)
     dm.steps_per_call = steps_per_call
+    log.debug("steps_per_call=%d, profiler %s", steps_per_call, type(trainer.profiler).__name__)
     if not cfg.get("resume"):  # a resumed run already has its HPARAMS entry
         log_hparams(loggers, flat_hparams(cfg))
 
@@ -157,7 +165,20 @@ def _fit(cfg: DictConfig, dm: TensorDataModule, net: torch.nn.Module, ckpt_path:
         # What was measured before the stop goes into run.json (a resumed run keeps it).
         interrupted.metrics = metrics if testing else as_floats(trainer.callback_metrics)
         raise interrupted from None
+    name_profiler_reports(trainer)
     return metrics
+
+
+@rank_zero_only
+def name_profiler_reports(trainer: L.Trainer) -> None:
+    """One line naming the report files of a profiler that writes them (``debug=profiler``)."""
+    profiler = trainer.profiler
+    dirpath, filename = getattr(profiler, "dirpath", None), getattr(profiler, "filename", None)
+    if isinstance(profiler, PassThroughProfiler) or not dirpath or not filename:
+        return
+    reports = sorted(Path(dirpath).glob(f"*{filename}*.txt"))
+    if reports:
+        log.info("profiler reports: %s", ", ".join(str(p) for p in reports))
 
 
 def _steps_per_call(cfg: DictConfig, trainer: L.Trainer) -> int:
@@ -192,11 +213,6 @@ def _steps_per_call(cfg: DictConfig, trainer: L.Trainer) -> int:
 
 def _all_batches(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value == 1.0)
-
-
-def profiler_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """No ``trainer.profiler`` configured: the free :class:`~mlplab.lightning_ext.fastpath.NullProfiler`."""
-    return {} if cfg.trainer.get("profiler") else {"profiler": NullProfiler()}
 
 
 def _interrupted(cfg: DictConfig, trainer: L.Trainer, signal_name: str, testing: bool = False) -> RunInterrupted:

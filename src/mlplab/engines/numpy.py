@@ -89,7 +89,7 @@ def fit(cfg: DictConfig, dm: TensorDataModule, net: NumpyMLP, ckpt_path: Path | 
     if cfg.get("logger") and "tensorboard" in cfg.logger and not fast_dev_run:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out_dir / "tensorboard"))
+        writer = SummaryWriter(str(out_dir))  # the run dir names the TensorBoard run
         write_hparams_summary(writer, flat_hparams(cfg), HPARAM_METRICS)
     steps_per_epoch = -(-len(y_train) // dm.batch_size)
     best_acc, best = -1.0, copy.deepcopy(net)

@@ -58,9 +58,11 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         dm = build_datamodule(cfg.data)
         dm.check_available()
         net = build_net(cfg.model, dm)
+        log.debug("net: %s", net)
         check_engine_trains(engine, net)
         load_data(dm)
         announce("train", f"{describe_net(net)} on {describe_data(cfg, dm)} with engine={engine}", cfg)
+        show_config(cfg)
         metrics = importlib.import_module(f"mlplab.engines.{engine}").fit(cfg, dm, net, ckpt_path)
         report(metrics, cfg)
         return metrics
@@ -128,6 +130,18 @@ def announce(task: str, what: str, cfg: DictConfig) -> None:
     """The run's first line: what is trained (or tested) on what, on which device, and where it writes."""
     out = OmegaConf.select(cfg, "paths.output_dir", default=None)
     print(f"{task}: {what} on {device_words(cfg)}" + (f"; run dir: {out}" if out else ""), flush=True)
+
+
+@rank_zero_only
+def show_config(cfg: DictConfig) -> None:
+    """``print_config=true`` (the default): the config tree after the first line, in full in the run dir."""
+    flag = cfg.get("print_config", True)
+    if not isinstance(flag, bool):
+        raise ConfigError(f"print_config={flag!r} is invalid; allowed: true, false")
+    if flag:
+        from mlplab.config_tree import print_config_tree
+
+        print_config_tree(cfg)
 
 
 def load_data(dm: TensorDataModule) -> None:

@@ -1,4 +1,4 @@
-"""Lightning's ModelCheckpoint with ``last.ckpt`` at every epoch end, linked where it can be.
+"""Lightning's ModelCheckpoint with ``last.ckpt`` at every epoch end.
 
 It overrides private members of Lightning's class, so it lives here; outside the verified
 Lightning versions it is Lightning's own ``ModelCheckpoint`` (``last.ckpt`` as that version
@@ -11,39 +11,21 @@ import os
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
-from torch import Tensor
 
-from mlplab.atomic import atomic_link
 from mlplab.lightning_ext import supported
 
 
 class ModelCheckpoint(_LightningModelCheckpoint):
     """:class:`lightning.pytorch.callbacks.ModelCheckpoint` (same arguments), with two
-    changes to ``save_last=True``:
+    changes:
 
     - **``last.ckpt`` is the last completed epoch** (or validation). Since Lightning 2.6,
       ``last.ckpt`` is written only when a top-k checkpoint was saved at the same step:
       with ``save_top_k=1`` only when the monitored metric improved, so ``resume=`` would
       go back to the best epoch, not the last one. Here it is written at every epoch end
       that saves (Lightning's behaviour before 2.6).
-    - **No second dump of the same state.** When the epoch has just saved a top-k
-      checkpoint, ``last.ckpt`` becomes a hard link to that file instead of a second
-      serialisation (a few ms an epoch on a CPU). The two dumps would differ only in
-      this callback's ``last_model_path``, so that is set to the last path *before* the
-      top-k save: the top-k file is byte for byte what the second dump would have written.
-      The link is made atomically (:func:`mlplab.atomic.atomic_link`: a fresh temporary
-      name, then rename) like every checkpoint here; a later epoch replaces ``last.ckpt``
-      by a new file and leaves the top-k file alone, and deleting either name leaves the
-      other whole. (Lightning's
-      ``save_last="link"`` links to the newest top-k file even when it is an older
-      epoch's, which cannot resume.)
-
-    The link falls back to a normal save where it would not give the same files: a
-    ``last`` name that changes between saves, a ``last.ckpt`` left there by something
-    else, or a filesystem without hard links.
+    - **Stored paths stay inside the run** (:meth:`load_state_dict`).
     """
-
-    _link_source: str | None = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         due = self._last_due(trainer, at_train_epoch_end=True)
@@ -100,40 +82,3 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         )
         if due and not saved_now:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
-        self._link_source = None
-        last = self._fixed_last_path(trainer, monitor_candidates) if supported() else None
-        if last is None:
-            super()._save_topk_checkpoint(trainer, monitor_candidates)
-            return
-        self.last_model_path = last  # what Lightning's own last save records in the state
-        saved_before = (self._last_checkpoint_saved, self._last_global_step_saved)
-        super()._save_topk_checkpoint(trainer, monitor_candidates)
-        if (self._last_checkpoint_saved, self._last_global_step_saved) != saved_before:
-            self._link_source = self._last_checkpoint_saved
-
-    def _fixed_last_path(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> str | None:
-        """The ``last`` path, if linking to it gives exactly Lightning's files; else None."""
-        if self.save_last is not True:
-            return None
-        last = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
-        if self.last_model_path == last or (not self.last_model_path and not self.file_exists(last, trainer)):
-            return last
-        return None
-
-    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
-        source, self._link_source = self._link_source, None
-        if source is None or source == self.last_model_path:
-            super()._save_last_checkpoint(trainer, monitor_candidates)
-            return
-        linked = True
-        if trainer.is_global_zero:
-            try:
-                atomic_link(source, self.last_model_path)
-            except OSError:
-                linked = False
-        if trainer.strategy.broadcast(linked):
-            self._last_checkpoint_saved = self.last_model_path
-        else:
-            super()._save_last_checkpoint(trainer, monitor_candidates)

@@ -15,13 +15,11 @@ from torchmetrics import MaxMetric
 
 from mlplab.errors import DivergenceError
 from mlplab.lightning_ext.fastpath import (
-    HookNameAttribute,
     StepHooks,
     advance_logging_step,
     backward_and_step,
     carry_step_count,
     direct_steps_possible,
-    precompute_signature,
 )
 from mlplab.models.losses import ClassificationLoss, CrossEntropy
 from mlplab.models.metrics import EpochStats
@@ -30,7 +28,7 @@ log = logging.getLogger(__name__)
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
-class Classifier(HookNameAttribute, L.LightningModule):
+class Classifier(L.LightningModule):
     """Classification of ``net``'s outputs with ``loss`` (cross-entropy by default).
 
     Metrics are torchmetrics objects, accumulated on the module's device each step and
@@ -310,9 +308,6 @@ class Classifier(HookNameAttribute, L.LightningModule):
         # Lightning counts blocks here; a block holds steps_per_call minibatches.
         steps = self.trainer.datamodule.train_steps_per_epoch() * self.trainer.max_epochs
         return min(steps, self.trainer.max_steps) if self.trainer.max_steps >= 0 else steps
-
-
-precompute_signature(Classifier.training_step)
 
 
 def build_scheduler(

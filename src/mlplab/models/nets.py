@@ -73,6 +73,8 @@ class MLP(_LayerStack):
         hidden_sizes: widths of the hidden layers, e.g. ``[32, 16]`` or ``[5] * 50``.
         activation: after every hidden layer: ``relu``, ``sigmoid``, ``tanh`` or ``identity``.
         dropout: probability p of a ``Dropout`` after every hidden layer (0: none).
+        batch_norm: a ``BatchNorm1d`` after every hidden linear layer, before its activation
+            (batch statistics in training, running averages in evaluation).
         output_activation: ``None`` (outputs are logits) or ``"sigmoid"`` (outputs in (0, 1),
             as SigmoidNet and the NumPy lessons' nets; pair it with ``loss=mse``).
         single_output: one output unit instead of two for a 2-class problem (Lesson A's
@@ -96,6 +98,7 @@ class MLP(_LayerStack):
         bias: bool = True,
         init: str = "default",
         init_std: float = 0.1,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         sizes = list(hidden_sizes) if isinstance(hidden_sizes, Sequence) and not isinstance(hidden_sizes, str) else None
@@ -119,9 +122,14 @@ class MLP(_LayerStack):
             raise ConfigError(f"model.init={init!r} is invalid; allowed: {', '.join(INITS)}")
         init_std = positive_number("model.init_std", init_std)
         dropout = non_negative_number("model.dropout", dropout, below=1.0)
+        if not isinstance(batch_norm, bool):
+            raise ConfigError(f"model.batch_norm={batch_norm!r} is invalid; allowed: true, false")
         layers: list[nn.Module] = [nn.Flatten()]
         for fan_in, fan_out in zip([input_dim, *sizes[:-1]], sizes):
-            layers += [nn.Linear(fan_in, fan_out, bias=bias), ACTIVATIONS[activation]()]
+            layers.append(nn.Linear(fan_in, fan_out, bias=bias))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(fan_out))
+            layers.append(ACTIVATIONS[activation]())
             if dropout:
                 layers.append(nn.Dropout(dropout))
         layers.append(nn.Linear(sizes[-1], 1 if single_output else num_classes, bias=bias))
