@@ -8,6 +8,7 @@ the summary, the exit code), ``fail_fast``, an Optuna search and submitit's loca
 from __future__ import annotations
 
 import csv
+import json
 import math
 import subprocess
 from pathlib import Path
@@ -229,6 +230,12 @@ def test_jobs_that_differ_only_in_seed_are_reported_over_seeds(tmp_path: Path) -
     assert rows[1]["job_dirs"] == "3_sigmoid_1 4_sigmoid_2 5_sigmoid_3 6_sigmoid_4"
     image = imread(sweep / "summary.png")
     assert image.ndim == 3 and image.shape[1] > 400
+
+    # A record whose overrides are not a list of strings (a tampered file) falls back to
+    # Hydra's saved overrides instead of being read character by character.
+    record = json.loads((sweep / "0_relu_1" / "run.json").read_text())
+    runs.write_run_record(sweep / "0_relu_1", {**record, "overrides": "seed=1"})
+    assert collect(sweep).rows[0].overrides == ["data=moons", "model.activation=relu", "seed=1"]
 
     # A sweep without repeated seeds has no table over seeds and no seeds file.
     plain = tmp_path / "plain"

@@ -108,6 +108,15 @@ def _hydra_overrides(job_dir: Path) -> list[str]:
         return []
 
 
+def _record_overrides(record: dict[str, Any]) -> list[str]:
+    """The record's ``overrides`` if they are a list of strings (a hand-edited or foreign file may hold
+    anything: a string would be read character by character); else none."""
+    overrides = record.get("overrides")
+    if isinstance(overrides, list) and all(isinstance(o, str) for o in overrides):
+        return overrides
+    return []
+
+
 def read_job(job_dir: Path) -> JobRow:
     """A job's row from its ``run.json``; a job without one is ``unknown``, never dropped."""
     record = read_run_record(job_dir)
@@ -123,7 +132,7 @@ def read_job(job_dir: Path) -> JobRow:
         metrics=metrics,
         epochs=None if epochs is None else int(epochs),
         wall_s=None if wall is None else float(wall),
-        overrides=[str(o) for o in record.get("overrides") or _hydra_overrides(job_dir)],
+        overrides=_record_overrides(record) or _hydra_overrides(job_dir),
         output_dir=str(record.get("output_dir") or job_dir),
     )
 
