@@ -60,6 +60,7 @@ RUN_BY = {
     "hparams_search/digits_optuna": "test_sweeps.py::test_optuna_search_on_digits",
     "hydra/default": "test_cli.py::test_single_run_outputs_and_tensorboard",
     "hydra/launcher/joblib": "test_sweeps.py::test_joblib_sweep_runs_jobs_in_parallel_into_one_sweep_dir_and_survives_a_failure",
+    "hydra/launcher/population": "test_population_launcher.py::test_a_population_sweep_from_the_command_line",
     "hydra/launcher/slurm": "test_presets.py::test_slurm_launcher_preset_runs_its_jobs",
     "logger/csv": "test_models.py::test_every_model_trains_on_every_dataset",
     "logger/many_loggers": "test_presets.py::test_preset_runs",

@@ -198,7 +198,7 @@ def check(overrides: list[str], config_name: str, conf_dir: Path) -> None:
                             f"{group}={value} is not an option; allowed: {', '.join(options)}{_hint(value, options)}"
                         )
             try:
-                _compose(config_name, plain)
+                composed = _compose(config_name, plain)
             except MissingConfigException as err:
                 line = _missing_option(str(err), plain)
                 raise _Refused(line or _first_line(err)) from None
@@ -213,6 +213,11 @@ def check(overrides: list[str], config_name: str, conf_dir: Path) -> None:
                 raise _Refused(
                     _unknown_key(key, value, config_name, plain[:index] + plain[index + 1 :], conf_dir)
                 ) from None
+            from mlplab.population.launcher import options_refusal
+
+            refused = options_refusal(composed)
+            if refused is not None:
+                raise _Refused(refused)
     finally:
         GlobalHydra.instance().clear()
 

@@ -7,6 +7,7 @@ writes it; ``resume=`` then continues from it all the same).
 
 from __future__ import annotations
 
+import copy
 import os
 
 import lightning as L
@@ -82,3 +83,88 @@ class ModelCheckpoint(_LightningModelCheckpoint):
         )
         if due and not saved_now:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _counts(n: int, *fields: str) -> dict[str, int]:
+    return {field: n for field in fields}
+
+
+def epoch_end_loop_state(epochs: int, steps_per_epoch: int, val_batches: int, schedule: str | None) -> dict:
+    """The ``loops`` entry of a checkpoint written at the validation end of epoch
+    ``epochs - 1``, after ``epochs`` epochs of ``steps_per_epoch`` optimizer steps, one per
+    batch (automatic optimization, ``steps_per_call=1``), ``val_batches`` validation batches,
+    and a schedule stepped every ``"step"``, every ``"epoch"`` or never (None).
+
+    This is Lightning's own layout of its loops' progress records (what ``ModelCheckpoint``
+    stores; ``tests/test_population_launcher.py`` compares it with a real run's), for
+    checkpoints of runs trained outside a Trainer (:mod:`mlplab.engines.population`):
+    ``resume=`` then continues them as it continues any run. None with a Lightning version
+    this package was not verified against, empty (Lightning then starts such a checkpoint's
+    run over instead of continuing it).
+    """
+    if not supported():
+        return {}
+    steps = epochs * steps_per_epoch
+    rcsp = ("ready", "completed", "started", "processed")
+    sched_total, sched_current = {"step": (steps, steps_per_epoch), "epoch": (epochs, 1)}.get(schedule or "", (0, 0))
+    empty_batches = {"total": _counts(0, *rcsp), "current": _counts(0, *rcsp), "is_last_batch": False}
+    epoch_counts = {"ready": epochs, "completed": epochs - 1, "started": epochs, "processed": epochs}
+    fit_loop = {
+        "state_dict": {},
+        "epoch_loop.state_dict": {"_batches_that_stepped": steps},
+        "epoch_loop.batch_progress": {
+            "total": _counts(steps, *rcsp),
+            "current": _counts(steps_per_epoch, *rcsp),
+            "is_last_batch": True,
+        },
+        "epoch_loop.scheduler_progress": {
+            "total": _counts(sched_total, "ready", "completed"),
+            "current": _counts(sched_current, "ready", "completed"),
+        },
+        "epoch_loop.automatic_optimization.state_dict": {},
+        "epoch_loop.automatic_optimization.optim_progress": {
+            "optimizer": {
+                "step": {
+                    "total": _counts(steps, "ready", "completed"),
+                    "current": _counts(steps_per_epoch, "ready", "completed"),
+                },
+                "zero_grad": {
+                    "total": _counts(steps, "ready", "completed", "started"),
+                    "current": _counts(steps_per_epoch, "ready", "completed", "started"),
+                },
+            }
+        },
+        "epoch_loop.manual_optimization.state_dict": {},
+        "epoch_loop.manual_optimization.optim_step_progress": {
+            "total": _counts(0, "ready", "completed"),
+            "current": _counts(0, "ready", "completed"),
+        },
+        "epoch_loop.val_loop.state_dict": {},
+        "epoch_loop.val_loop.batch_progress": {
+            "total": _counts(val_batches, *rcsp),
+            "current": _counts(val_batches, *rcsp),
+            "is_last_batch": True,
+        },
+        "epoch_progress": {"total": dict(epoch_counts), "current": dict(epoch_counts)},
+    }
+    return {
+        "fit_loop": fit_loop,
+        "validate_loop": {"state_dict": {}, "batch_progress": copy.deepcopy(empty_batches)},
+        "test_loop": {"state_dict": {}, "batch_progress": copy.deepcopy(empty_batches)},
+        "predict_loop": {
+            "state_dict": {},
+            "batch_progress": {"total": _counts(0, *rcsp), "current": _counts(0, *rcsp)},
+        },
+    }
+
+
+def set_fit_progress(trainer: L.Trainer, epochs: int, steps: int) -> None:
+    """Make a fresh Trainer count ``epochs`` completed epochs and ``steps`` optimizer steps,
+    as after a fit of that length: its test stage then logs at the step (and epoch) a single
+    run tests at. A no-op with a Lightning version this package was not verified against."""
+    if not supported():
+        return
+    loop = trainer.fit_loop
+    loop.epoch_progress.current.completed = loop.epoch_progress.total.completed = epochs
+    loop.epoch_loop._batches_that_stepped = steps
+    loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total.completed = steps

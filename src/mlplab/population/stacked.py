@@ -108,11 +108,12 @@ class StackedNets:
     def parameters(self) -> list[Tensor]:
         return list(self.params.values())
 
-    def member_state_dict(self, i: int) -> dict[str, Tensor]:
-        """Member ``i``'s weights as its single net's ``state_dict`` (its keys, in its order; copies)."""
+    def member_state_dict(self, i: int, stacked: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Member ``i``'s weights as its single net's ``state_dict`` (its keys, in its order; copies),
+        from ``stacked`` (tensors by this population's names, e.g. a snapshot) or the current ones."""
         if not 0 <= i < self.size:
             raise IndexError(f"member {i} of a population of {self.size}")
-        stacked = {**self.params, **self.buffers}
+        stacked = stacked if stacked is not None else {**self.params, **self.buffers}
         return {own: stacked[name][i].detach().clone() for own, name in zip(self._member_keys[i], self._keys)}
 
 

@@ -85,6 +85,7 @@ SHARED_KEYS = (
     "scheduler._target_",
     "trainer",
     "flush_denormal",
+    "population",
 )
 #: Trainer settings population training implements: only these values.
 _TRAINER_DEFAULTS: dict[str, tuple[Any, ...]] = {
@@ -117,42 +118,62 @@ def _without(node: Any, keys: Sequence[str]) -> Any:
     return plain
 
 
+def shared_settings(plain: dict) -> dict[str, Any]:
+    """What members must share, of a job's resolved config (plain containers): ``SHARED_KEYS``
+    without ``MEMBER_KEYS`` and the trainer's per-job dir."""
+    strip = [k for k in MEMBER_KEYS if "." in k] + [f"trainer.{k}" for k in _TRAINER_PER_JOB]
+    stripped = _without(plain, strip)
+    return {key: _select(stripped, key) for key in SHARED_KEYS}
+
+
+def refusal(plain: dict) -> str | None:
+    """Why a job's resolved config (plain containers) cannot train in a population: one line, or None."""
+    for key, allowed in _TRAINER_DEFAULTS.items():
+        value = (plain.get("trainer") or {}).get(key)
+        if value not in allowed:
+            shown = ", ".join("null" if a is None else str(a) for a in allowed)
+            return f"trainer.{key}={value} is not supported by population training; allowed: {shown}"
+    if plain.get("engine", "lightning") != "lightning":
+        return f"engine={plain.get('engine')} is not supported by population training; allowed: lightning"
+    for key in ("ckpt_path", "resume"):
+        if plain.get(key) is not None:
+            return f"{key}={plain.get(key)} is not supported by population training; allowed: null"
+    if (plain.get("data") or {}).get("augment") is not None:
+        return "data.augment is not supported by population training; allowed: augment=none"
+    callbacks = plain.get("callbacks") or {}
+    stoppers = [k for k, v in callbacks.items() if isinstance(v, dict) and "EarlyStopping" in str(v.get("_target_"))]
+    if stoppers:
+        return (
+            f"callbacks.{stoppers[0]} (early stopping) is not supported by population training; "
+            "allowed: callbacks without early stopping"
+        )
+    return None
+
+
+def first_difference(a: dict, b: dict) -> str | None:
+    """The first dotted key whose value differs between two :func:`shared_settings` (None: none)."""
+    for key in SHARED_KEYS:
+        if a.get(key) != b.get(key):
+            return _first_difference(a.get(key), b.get(key), key)
+    return None
+
+
 def check_members(cfgs: Sequence[DictConfig]) -> None:
     """Raise :class:`ConfigError` unless the configs can train as one population."""
     if not cfgs:
         raise ConfigError("a population needs at least one job; allowed: one or more jobs")
     plain = [OmegaConf.to_container(c, resolve=True) for c in cfgs]
-    strip = [k for k in MEMBER_KEYS if "." in k] + [f"trainer.{k}" for k in _TRAINER_PER_JOB]
-    for key in SHARED_KEYS:
-        first = _select(_without(plain[0], strip), key)
-        for i, p in enumerate(plain[1:], 1):
-            other = _select(_without(p, strip), key)
-            if other != first:
-                diff = _first_difference(first, other, key)
-                raise ConfigError(
-                    f"{diff}={_select(p, diff)!r} in job {i} differs from job 0's {_select(plain[0], diff)!r}: "
-                    f"population members share it; allowed: jobs that differ only in {', '.join(MEMBER_KEYS)}"
-                )
-    cfg = plain[0]
-    for key, allowed in _TRAINER_DEFAULTS.items():
-        value = (cfg.get("trainer") or {}).get(key)
-        if value not in allowed:
-            shown = ", ".join("null" if a is None else str(a) for a in allowed)
-            raise ConfigError(f"trainer.{key}={value} is not supported by population training; allowed: {shown}")
-    if cfg.get("engine", "lightning") != "lightning":
-        raise ConfigError(f"engine={cfg.get('engine')} is not supported by population training; allowed: lightning")
-    for key in ("ckpt_path", "resume"):
-        if cfg.get(key) is not None:
-            raise ConfigError(f"{key}={cfg.get(key)} is not supported by population training; allowed: null")
-    if (cfg.get("data") or {}).get("augment") is not None:
-        raise ConfigError("data.augment is not supported by population training; allowed: augment=none")
-    callbacks = cfg.get("callbacks") or {}
-    stoppers = [k for k, v in callbacks.items() if isinstance(v, dict) and "EarlyStopping" in str(v.get("_target_"))]
-    if stoppers:
-        raise ConfigError(
-            f"callbacks.{stoppers[0]} (early stopping) is not supported by population training; "
-            "allowed: callbacks without early stopping"
-        )
+    first = shared_settings(plain[0])
+    for i, p in enumerate(plain[1:], 1):
+        diff = first_difference(first, shared_settings(p))
+        if diff is not None:
+            raise ConfigError(
+                f"{diff}={_select(p, diff)!r} in job {i} differs from job 0's {_select(plain[0], diff)!r}: "
+                f"population members share it; allowed: jobs that differ only in {', '.join(MEMBER_KEYS)}"
+            )
+    why = refusal(plain[0])
+    if why is not None:
+        raise ConfigError(why)
 
 
 def _select(node: Any, key: str) -> Any:
