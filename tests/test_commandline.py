@@ -23,7 +23,7 @@ CASES = {
     "hidden_size (did you mean hidden_size?); model.hidden_sizes is a key of model=relu_mlp, model=relu_net",
     "-m seed=1,2 model=simple_net,relu_mpl": "error: model=relu_mpl is not an option; allowed: numpy_mlp, relu_mlp, "
     "relu_net, sigmoid_net, simple_net (did you mean relu_mlp?)",
-    "hydra/launcher=jobllib": "error: hydra/launcher=jobllib is not an option; allowed: basic, joblib, slurm, "
+    "hydra/launcher=jobllib": "error: hydra/launcher=jobllib is not an option; allowed: basic, joblib, population, slurm, "
     "submitit_local, submitit_slurm (did you mean joblib?)",
 }
 
