@@ -33,7 +33,14 @@ from torch import Tensor
 
 from mlplab.callbacks import AtomicCheckpointIO
 from mlplab.data import TensorDataModule
-from mlplab.engines.build import _instantiate_group, build_loss, build_net, build_optimizer, build_trainer
+from mlplab.engines.build import (
+    _instantiate_checked,
+    _instantiate_group,
+    build_loss,
+    build_net,
+    build_optimizer,
+    build_trainer,
+)
 from mlplab.errors import DivergenceError
 from mlplab.hparams import flat_hparams, log_hparams
 from mlplab.lightning_ext.checkpoint import ModelCheckpoint, epoch_end_loop_state, set_fit_progress
@@ -195,7 +202,7 @@ def write_member(cfg: DictConfig, run: GroupRun, i: int, figures: bool = False) 
         metrics["val/acc_best"] = best_so_far
         for logger in loggers:
             logger.log_metrics({**metrics, "epoch": float(epoch)}, step=(epoch + 1) * s - 1)
-    callbacks = _instantiate_group(cfg.get("callbacks"), "callbacks")
+    callbacks = _member_callbacks(cfg, every=figures)
     checkpoint = next((c for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint)), None)
     if checkpoint is not None:
         _write_checkpoints(run, i, model, checkpoint)
@@ -220,6 +227,27 @@ def write_member(cfg: DictConfig, run: GroupRun, i: int, figures: bool = False) 
     _finalize(loggers, "success")
     report(metrics, cfg)
     return metrics
+
+
+def _member_callbacks(cfg: DictConfig, every: bool) -> list[Any]:
+    """The ``callbacks`` group's objects: all of them, or (``every`` false) its checkpoint callbacks only."""
+    from hydra.utils import get_class
+
+    group = cfg.get("callbacks")
+    if every or not group:
+        return _instantiate_group(group, "callbacks")
+
+    def is_checkpoint(node: Any) -> bool:
+        try:
+            return issubclass(get_class(str(node.get("_target_"))), L.pytorch.callbacks.ModelCheckpoint)
+        except Exception:  # not a class: left to the instantiation's own checks
+            return True
+
+    return [
+        _instantiate_checked(node, f"callbacks.{key}")
+        for key, node in group.items()
+        if isinstance(node, DictConfig) and "_target_" in node and is_checkpoint(node)
+    ]
 
 
 def _member_model(cfg: DictConfig, dm: TensorDataModule) -> Classifier:
