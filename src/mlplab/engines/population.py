@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -139,7 +140,14 @@ def train_group(cfgs: Sequence[DictConfig]) -> GroupRun:
     with threads(cfgs[0]), denormals(cfgs[0]):
         dm, population = build_population(cfgs)
         mark_training_started()
+        t0 = time.perf_counter()
         results = train_population(population, dm, on_epoch_end)
+        seconds = time.perf_counter() - t0
+        print(
+            f"population of {population.size}: trained in {seconds:.1f} s "
+            f"({population.size * population.epochs / max(seconds, 1e-9):.1f} member-epochs/s)",
+            flush=True,
+        )
         test = _test_best(population, best, dm) if cfgs[0].get("test", True) else [{} for _ in cfgs]
     n_train, n_val = len(dm.data_train), len(dm.data_val)
     return GroupRun(
