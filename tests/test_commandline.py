@@ -25,6 +25,10 @@ CASES = {
     "relu_net, sigmoid_net, simple_net (did you mean relu_mlp?)",
     "hydra/launcher=jobllib": "error: hydra/launcher=jobllib is not an option; allowed: basic, joblib, population, slurm, "
     "submitit_local, submitit_slurm (did you mean joblib?)",
+    "-m hydra/launcher=population seed=1,2 population.max_members=0": "error: population.max_members=0 is invalid; "
+    "allowed: a number of members per group (1, 2, ...)",
+    "-m hydra/launcher=population population.figures=some": "error: population.figures=some is invalid; "
+    "allowed: best, all",
 }
 
 

@@ -8,6 +8,7 @@ to max |delta| <= 1e-4 * max |w|; its final test/acc within 0.3 points after a f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -198,21 +199,34 @@ def test_a_population_sweep_from_the_command_line(tmp_path):
     assert [s for s, _ in _scalars(members[0])["val/acc"]] == [37, 75, 113]  # continued, not restarted
 
 
+SEEDS_PRESETS = {
+    # preset: (quick overrides, (populations, members each), needs real data (slow))
+    "moons_activations_seeds": (["trainer.max_epochs=2", "model.activation=identity,relu"], (2, 2), False),
+    "dropout_seeds": (["trainer.max_epochs=2"], (1, 4), False),
+    "lesson_d_models_seeds": (["trainer.max_epochs=1"], (3, 2), True),
+    "batch_size_sweep_seeds": (["trainer.max_epochs=1", "data.batch_size=1024,8192"], (2, 2), True),
+}
+
+
 @pytest.mark.parametrize(
-    "override, line",
-    [
-        ("population.max_members=0", "population.max_members=0 is invalid; allowed: a number of members per group"),
-        ("population.figures=some", "population.figures=some is invalid; allowed: best, all"),
-    ],
+    "preset", [pytest.param(p, marks=[pytest.mark.slow] if SEEDS_PRESETS[p][2] else []) for p in SEEDS_PRESETS]
 )
-def test_bad_population_options_are_one_line_before_anything_runs(tmp_path, override, line):
-    proc = run_cli(
-        "train",
-        ["-m", "hydra/launcher=population", "seed=1,2", override],
-        cwd=tmp_path,
-        env={"MLPLAB_ROOT": str(tmp_path)},
-    )
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {line}"), lines
-    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*"))
+def test_seeds_presets_run_as_populations_and_report_over_seeds(tmp_path, preset, request):
+    """Each lesson comparison's seeds variant, shortened to 2 seeds, as a population sweep: the
+    populations it should make, and the summary's over-seeds table with one row per setting."""
+    quick, (populations, members), real = SEEDS_PRESETS[preset]
+    env = {"MLPLAB_ROOT": str(tmp_path)}
+    if real:
+        env["MLPLAB_DATA_DIR"] = str(request.getfixturevalue("real_data_dir"))
+    args = ["-m", f"experiment={preset}", "seed=1,2", "trainer=cpu", "callbacks.progress_bar.refresh_rate=0", *quick]
+    proc = run_cli("train", args, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    groups = re.findall(r"^population \d+/(\d+): jobs [\d,-]+, (\d+) members", proc.stdout, re.MULTILINE)
+    assert groups == [(str(populations), str(members))] * populations, groups
+    assert "runs alone" not in proc.stdout
+    sweep = next((tmp_path / "logs" / "multiruns").glob("*/*"))
+    settings = populations * members // 2
+    assert len((sweep / "summary_seeds.csv").read_text().strip().splitlines()) == 1 + settings
+    records = [json.loads(p.read_text()) for p in sweep.glob("*/run.json")]
+    assert len(records) == populations * members
+    assert all(r["status"] == "ok" and 0.0 < r["metrics"]["test/acc"] <= 1.0 for r in records), records

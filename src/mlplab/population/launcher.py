@@ -23,7 +23,6 @@ or, with ``population.figures=all``, for every member.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -90,16 +89,18 @@ def population_options(config: DictConfig) -> tuple[int, str]:
 
 class _RememberingLoader:
     """Hydra's config loader, keeping the job configs the sweeper composes to check a batch
-    (``Sweeper.validate_batch_is_legal``): the launcher takes them instead of composing each
-    job a second time (a fifth of a second each). Everything else goes to the loader."""
+    (``Sweeper.validate_batch_is_legal``, which discards them): the launcher takes them instead
+    of composing each job a second time (a fifth of a second each). Everything else goes to
+    the loader."""
 
     def __init__(self, loader: Any) -> None:
         self._loader = loader
         self._kept: dict[tuple[str, ...], DictConfig] = {}
 
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        # Kept as it is: the sweeper only checks that it composes (a copy costs a quarter of a compose).
         config = self._loader.load_sweep_config(master_config, sweep_overrides)
-        self._kept[tuple(sweep_overrides)] = copy.deepcopy(config)
+        self._kept[tuple(sweep_overrides)] = config
         return config
 
     def take_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
