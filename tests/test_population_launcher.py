@@ -8,14 +8,18 @@ to max |delta| <= 1e-4 * max |w|; its final test/acc within 0.3 points after a f
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import QUICK, compose_cfg, load_ckpt, run_cli
+from conftest import QUICK, REPO, compose_cfg, load_ckpt, run_cli
 from mlplab.engines.eval import evaluate
 from mlplab.engines.population import train_group, write_member
 from mlplab.engines.run import fit
@@ -230,3 +234,40 @@ def test_seeds_presets_run_as_populations_and_report_over_seeds(tmp_path, preset
     records = [json.loads(p.read_text()) for p in sweep.glob("*/run.json")]
     assert len(records) == populations * members
     assert all(r["status"] == "ok" and 0.0 < r["metrics"]["test/acc"] <= 1.0 for r in records), records
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_while_a_population_trains_stops_the_sweep_with_one_line(tmp_path, signum, code):
+    """Two populations (max_members=2); the signal comes while the second trains: one line and
+    130/143, no traceback, the first population's members whole, none of the second's dirs."""
+    args = ["-m", "hydra/launcher=population", "seed=1,2,3,4", "population.max_members=2", *QUICK]
+    errors = (tmp_path / "stderr.txt").open("w+")  # a file: a pipe nobody reads would block the sweep
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "src" / "train.py"), *args, "trainer.max_epochs=40"],
+        cwd=tmp_path,
+        env={**os.environ, "MLPLAB_ROOT": str(tmp_path), "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=errors,
+        text=True,
+    )
+    starts = 0
+    for line in proc.stdout:
+        starts += line.startswith("population of 2: epoch 1/40")
+        if starts == 2:
+            proc.send_signal(signum)
+            break
+    proc.communicate(timeout=120)
+    errors.seek(0)
+    err = errors.read()
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and "while the population of jobs 2,3 trained (they leave no job dirs)" in lines[0], err
+    sweep = next((tmp_path / "logs" / "multiruns").glob("*/*"))
+    dirs = sorted(p.name.split("_")[0] for p in sweep.iterdir() if p.is_dir())
+    assert dirs == ["0", "1"]
+    for member in sweep.iterdir():
+        if member.is_dir():
+            assert json.loads((member / "run.json").read_text())["status"] == "ok"
+    assert (sweep / "summary.md").is_file()

@@ -107,8 +107,9 @@ class JobSignals:
 JOB = JobSignals()
 
 
-def stop_sweep_between_jobs(sweep_dir: Path, metric: str) -> Callable[[str], None]:
-    """What a signal between two jobs of a sweep does: summarise the jobs so far, one line, exit."""
+def stop_sweep_between_jobs(sweep_dir: Path, metric: str, where: str = "between two jobs") -> Callable[[str], None]:
+    """What a signal between two jobs of a sweep does (or ``where`` it came): summarise the
+    jobs so far, one line, exit."""
 
     def stop(name: str) -> None:
         from mlplab.sweeps import write_summary
@@ -121,7 +122,7 @@ def stop_sweep_between_jobs(sweep_dir: Path, metric: str) -> Callable[[str], Non
             except Exception as err:  # the exit must not turn into a traceback
                 written = f"; its summary could not be written ({err})"
         print(
-            f"interrupted: the sweep was stopped by {name} between two jobs{written}; the jobs after it did not start",
+            f"interrupted: the sweep was stopped by {name} {where}{written}; the jobs after it did not start",
             file=sys.stderr,
             flush=True,
         )

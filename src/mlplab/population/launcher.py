@@ -23,13 +23,16 @@ or, with ``population.figures=all``, for every member.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
@@ -37,6 +40,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from mlplab import signals
 from mlplab.errors import MlplabError
 
 log = logging.getLogger(__name__)
@@ -220,6 +224,17 @@ class PopulationLauncher(Launcher):
             job_subdir_key="hydra.sweep.subdir",
         )
 
+    def _stopper(self, group: _Group) -> Callable[[str], None]:
+        """A signal while ``group`` trains: its jobs are not written (none of their dirs exists
+        yet), the summary of the jobs so far is, and the sweep exits 130 / 143."""
+        assert self.config is not None
+        metric = OmegaConf.select(self.config, "optimized_metric", default=None) or "val/acc_best"
+        return signals.stop_sweep_between_jobs(
+            Path(str(self.config.hydra.sweep.dir)),
+            str(metric),
+            where=f"while the population of jobs {_ids(group)} trained (they leave no job dirs)",
+        )
+
     def _run_group(self, group: _Group, figures: str) -> dict[int, JobReturn]:
         from mlplab import cli
         from mlplab.engines.population import train_group, write_member
@@ -227,7 +242,8 @@ class PopulationLauncher(Launcher):
         assert self.hydra_context is not None
         cfgs = [OmegaConf.create(job.plain) for job in group.jobs]
         try:
-            run = train_group(cfgs)
+            with _stop_on_signals(self._stopper(group)):
+                run = train_group(cfgs)
         except MlplabError as err:  # refused when built (an optimizer population training lacks, ...)
             text = str(err).strip().splitlines()[0]
             print(f"population of jobs {_ids(group)} runs as single jobs: {text}", flush=True)
@@ -251,6 +267,26 @@ class PopulationLauncher(Launcher):
                 job_subdir_key="hydra.sweep.subdir",
             )
         return results
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: Callable[[str], None]) -> Iterator[None]:
+    """SIGINT or SIGTERM while a population trains: ``stop(signal name)`` (in the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        stop(signal.Signals(signum).name)
+
+    previous = {s: signal.getsignal(s) for s in signals.SIGNALS}
+    for s in signals.SIGNALS:
+        signal.signal(s, handle)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _task_config(config: DictConfig) -> dict:
