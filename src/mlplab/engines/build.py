@@ -533,3 +533,20 @@ def build_optimizer(cfg: DictConfig, net: torch.nn.Module) -> tuple[Callable[...
 
     _construct("scheduler", cfg.scheduler, step_twice, when=" when stepped")
     return optimizer_factory, scheduler_factory
+
+
+def build_classifier(cfg: DictConfig, net: torch.nn.Module, num_classes: int) -> Any:
+    """The run's :class:`~mlplab.models.Classifier` around ``net``: its optimizer and schedule
+    (tried on the net first: a refused value fails here, before any Trainer), its loss, and
+    the resolved config it stores in its checkpoints."""
+    from mlplab.models import Classifier
+
+    optimizer, scheduler = build_optimizer(cfg, net)
+    return Classifier(
+        net=net,
+        num_classes=num_classes,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        loss=build_loss(cfg),
+    )

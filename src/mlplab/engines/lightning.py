@@ -30,8 +30,7 @@ from mlplab.callbacks import AtomicCheckpointIO, RNGState, StopOnSignal
 from mlplab.data import TensorDataModule
 from mlplab.engines.build import (
     _instantiate_group,
-    build_loss,
-    build_optimizer,
+    build_classifier,
     build_trainer,
 )
 from mlplab.engines.checkpoints import (
@@ -41,7 +40,6 @@ from mlplab.engines.checkpoints import (
 )
 from mlplab.errors import RunInterrupted
 from mlplab.hparams import flat_hparams, log_hparams
-from mlplab.models import Classifier
 from mlplab.rundir import checkpoint_progress, newest_last_checkpoint, resume_command
 from mlplab.runs import mark_training_started
 from mlplab.validation import positive_int
@@ -110,15 +108,7 @@ def fit(cfg: DictConfig, dm: TensorDataModule, net: torch.nn.Module, ckpt_path: 
 
 
 def _fit(cfg: DictConfig, dm: TensorDataModule, net: torch.nn.Module, ckpt_path: Path | None) -> dict[str, float]:
-    optimizer, scheduler = build_optimizer(cfg, net)  # tried on the net now: a refused value fails before the Trainer
-    model = Classifier(
-        net=net,
-        num_classes=dm.num_classes,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        loss=build_loss(cfg),
-    )
+    model = build_classifier(cfg, net, dm.num_classes)
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path)
         check_checkpoint_fits(ckpt_path, model, ckpt)

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from mlplab.callbacks import AtomicCheckpointIO
@@ -37,9 +37,8 @@ from mlplab.data import TensorDataModule
 from mlplab.engines.build import (
     _instantiate_checked,
     _instantiate_group,
-    build_loss,
+    build_classifier,
     build_net,
-    build_optimizer,
     build_trainer,
 )
 from mlplab.errors import DivergenceError
@@ -260,16 +259,7 @@ def _member_callbacks(cfg: DictConfig, every: bool) -> list[Any]:
 
 def _member_model(cfg: DictConfig, dm: TensorDataModule) -> Classifier:
     """The member's LightningModule, as :func:`mlplab.engines.lightning.fit` builds it."""
-    net = build_net(cfg.model, dm)
-    optimizer, scheduler = build_optimizer(cfg, net)
-    return Classifier(
-        net=net,
-        num_classes=dm.num_classes,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        loss=build_loss(cfg),
-    )
+    return build_classifier(cfg, build_net(cfg.model, dm), dm.num_classes)
 
 
 def _finalize(loggers: list[Any], status: str) -> None:
