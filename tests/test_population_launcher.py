@@ -204,7 +204,7 @@ def test_a_population_sweep_from_the_command_line(tmp_path):
 
 
 SEEDS_PRESETS = {
-    # preset: (quick overrides, (populations, members each), needs real data (slow))
+    # preset: (quick overrides, (populations, members each), needs real data); all in the slow tier (15-60 s each)
     "moons_activations_seeds": (["trainer.max_epochs=2", "model.activation=identity,relu"], (2, 2), False),
     "dropout_seeds": (["trainer.max_epochs=2"], (1, 4), False),
     "lesson_d_models_seeds": (["trainer.max_epochs=1"], (3, 2), True),
@@ -212,9 +212,8 @@ SEEDS_PRESETS = {
 }
 
 
-@pytest.mark.parametrize(
-    "preset", [pytest.param(p, marks=[pytest.mark.slow] if SEEDS_PRESETS[p][2] else []) for p in SEEDS_PRESETS]
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", list(SEEDS_PRESETS))
 def test_seeds_presets_run_as_populations_and_report_over_seeds(tmp_path, preset, request):
     """Each lesson comparison's seeds variant, shortened to 2 seeds, as a population sweep: the
     populations it should make, and the summary's over-seeds table with one row per setting."""
