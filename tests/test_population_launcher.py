@@ -270,3 +270,20 @@ def test_a_signal_while_a_population_trains_stops_the_sweep_with_one_line(tmp_pa
         if member.is_dir():
             assert json.loads((member / "run.json").read_text())["status"] == "ok"
     assert (sweep / "summary.md").is_file()
+
+
+def test_a_tampered_loop_state_is_refused_in_one_line_before_training(tmp_path):
+    """A member's last.ckpt whose ``loops`` is not a mapping of loop records (tampered or
+    foreign): resuming from it is one CheckpointError line, not a traceback inside Lightning."""
+    from mlplab.errors import CheckpointError
+
+    common = [*COMMON, "logger=none", "test=false"]
+    cfgs, run = _group(tmp_path, [["seed=1"], ["seed=2"]], common)
+    write_member(cfgs[0], run, 0)
+    last = tmp_path / "member0" / "checkpoints" / "last.ckpt"
+    ckpt = load_ckpt(last)
+    ckpt["loops"] = "garbage"
+    torch.save(ckpt, last)
+    resumed = compose_cfg([*common, "seed=1", "trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path / "resumed")
+    with pytest.raises(CheckpointError, match="has a malformed loop state"):
+        fit(resumed)

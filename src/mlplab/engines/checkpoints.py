@@ -39,6 +39,12 @@ def load_checkpoint(ckpt_path: Path) -> dict:
     ckpt = _torch_load(ckpt_path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"ckpt_path={ckpt_path} is not a Lightning checkpoint (no state_dict)")
+    loops = ckpt.get("loops")
+    if loops is not None and not (isinstance(loops, dict) and all(isinstance(v, dict) for v in loops.values())):
+        raise CheckpointError(
+            f"ckpt_path={ckpt_path} has a malformed loop state (loops is not a mapping of loop records); "
+            "allowed: a checkpoint as Lightning or mlplab wrote it"
+        )
     return ckpt
 
 
