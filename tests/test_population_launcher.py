@@ -70,7 +70,7 @@ def test_members_written_out_equal_their_sequential_runs(tmp_path):
     """A full digits run (default epochs, cosine schedule): each member's last checkpoint
     against its sequential run's, its test/acc within 0.3 points, its TensorBoard scalars at
     the sequential run's steps; eval of its best checkpoint gives its test/acc."""
-    common = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0", "threads=1"]
+    common = ["trainer=cpu", "callbacks.progress_bar.refresh_rate=0", "threads=1", "recipe=none"]
     members = [["seed=1", "optimizer.lr=0.02"], ["seed=2", "optimizer.lr=0.1"]]
     cfgs, run = _group(tmp_path, members, common)
     for i, cfg in enumerate(cfgs):
@@ -122,6 +122,25 @@ def test_a_member_checkpoint_resumes_as_its_single_run_would_continue(tmp_path):
     assert gap <= 1e-4, gap
 
 
+def test_a_members_best_epoch_follows_the_checkpoint_monitor(tmp_path):
+    """callbacks.model_checkpoint.monitor=val/loss (mode min): each member's best checkpoint is
+    its epoch of least val/loss, the epoch its sequential run's ModelCheckpoint keeps."""
+    monitor = ["callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min"]
+    common = [*COMMON, "trainer.max_epochs=6", "logger=none", "test=false", "scheduler=none", *monitor]
+    members = [["seed=1", "optimizer.lr=0.3"], ["seed=2", "optimizer.lr=0.02"]]
+    cfgs, run = _group(tmp_path, members, common)
+    for i, cfg in enumerate(cfgs):
+        write_member(cfg, run, i)
+        losses = [r["val/loss"] for r in run.results[i].history]
+        best = losses.index(min(losses))
+        ours = sorted(p.name for p in (tmp_path / f"member{i}" / "checkpoints").glob("epoch_*.ckpt"))
+        assert ours == [f"epoch_{best:03d}.ckpt"], (i, losses)
+        assert load_ckpt(tmp_path / f"member{i}" / "checkpoints" / ours[0])["epoch"] == best
+        fit(compose_cfg([*common, *members[i]], tmp_path / f"sequential{i}"))
+        theirs = sorted(p.name for p in (tmp_path / f"sequential{i}" / "checkpoints").glob("epoch_*.ckpt"))
+        assert ours == theirs
+
+
 def test_a_diverging_member_fails_alone_with_its_single_runs_message(tmp_path):
     common = [*COMMON, "trainer.max_epochs=2", "logger=none"]
     members = [["seed=1", "optimizer.lr=0.05"], ["seed=1", "optimizer.lr=1e6"]]
@@ -156,12 +175,18 @@ def test_jobs_are_grouped_by_what_they_share_and_split_at_max_members(tmp_path):
         ["seed=3", "model.activation=relu"],
         ["seed=3", "model.hidden_sizes=[8]"],
         ["seed=1", "augment=affine"],
+        ["seed=4", "callbacks.model_checkpoint.monitor=val/acc_best"],
     ]
     groups, alone = PopulationLauncher().plan(_jobs(tmp_path, sweep), max_members=2)
     assert [[j.idx for j in g.jobs] for g in groups] == [[0, 2], [4], [1, 3]]
     assert [(j.idx, why) for j, why in alone] == [
         (5, "no other job has its model.hidden_sizes=[8]"),
         (6, "data.augment is not supported by population training; allowed: augment=none"),
+        (
+            7,
+            "callbacks.model_checkpoint.monitor=val/acc_best is not supported by population training; "
+            "allowed: val/acc, val/loss, train/acc, train/loss",
+        ),
     ]
 
 

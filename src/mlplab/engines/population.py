@@ -2,8 +2,9 @@
 stacked model (:mod:`mlplab.population`), each member then written out as the job it is.
 
 :func:`train_group` trains the members' configs as one population and keeps, per member,
-its training state at its best epoch (by ``val/acc``, strictly better, as Lightning's
-``ModelCheckpoint`` keeps it) and at its last completed epoch, then tests every member's
+its training state at its best epoch (by its ``callbacks.model_checkpoint``'s ``monitor``
+and ``mode``, default ``val/acc``, strictly better, as Lightning's ``ModelCheckpoint``
+keeps it) and at its last completed epoch, then tests every member's
 best weights at once. :func:`write_member` makes member i's job dir what its single run's
 would be: the loggers' scalars (``train/*``, ``val/*``, ``val/acc_best``, ``test/*``, at the
 steps Lightning logs them), the HPARAMS entry, the best and last checkpoints in Lightning's
@@ -46,7 +47,7 @@ from mlplab.hparams import flat_hparams, log_hparams
 from mlplab.lightning_ext.checkpoint import ModelCheckpoint, epoch_end_loop_state, set_fit_progress
 from mlplab.models import Classifier
 from mlplab.population import Population, build_population, evaluate, train_population
-from mlplab.population.train import MemberResult
+from mlplab.population.train import MemberResult, best_epoch_rule
 from mlplab.runs import mark_training_started
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class Snapshot:
 
     ``tensors``: the stacked weights and buffers (:class:`~mlplab.population.StackedNets`'
     names) and the optimizer's state per parameter (``opt.<j>.<name>``), ``[M, ...]`` each;
-    per member the epoch (-1: none yet), its ``val/acc`` there, its optimizer's
+    per member the epoch (-1: none yet), its monitored score there (NaN: none), its optimizer's
     hyper-parameters and its schedule's state.
     """
 
@@ -74,7 +75,7 @@ class Snapshot:
             return
         m = population.size
         if not self.epoch:
-            self.epoch, self.score = [-1] * m, [-math.inf] * m
+            self.epoch, self.score = [-1] * m, [math.nan] * m
             self.groups, self.schedules = [None] * m, [None] * m
         current = _stacked_state(population)
         mask = torch.tensor(take, device=population.optimizer.device)
@@ -121,19 +122,22 @@ def train_group(cfgs: Sequence[DictConfig]) -> GroupRun:
     from mlplab.engines.run import denormals, threads
 
     best, last = Snapshot(), Snapshot()
+    monitor, mode = best_epoch_rule(cfgs[0])
+    sign = 1.0 if mode == "max" else -1.0  # compared as sign * score: larger is better
 
     def on_epoch_end(epoch: int, population: Population, records: list[dict[str, float] | None]) -> None:
-        scores = [r["val/acc"] if r is not None else -math.inf for r in records]
-        shown = [s for s in scores if s > -math.inf]
+        accs = [r["val/acc"] for r in records if r is not None]
         print(
             f"population of {population.size}: epoch {epoch + 1}/{population.epochs}, val/acc "
-            + (f"{min(shown):.4f}..{max(shown):.4f}" if shown else "-")
-            + (f", {population.size - len(shown)} diverged" if len(shown) < population.size else ""),
+            + (f"{min(accs):.4f}..{max(accs):.4f}" if accs else "-")
+            + (f", {population.size - len(accs)} diverged" if len(accs) < population.size else ""),
             flush=True,
         )
         alive = [r is not None for r in records]
-        before = best.score or [-math.inf] * population.size
-        best.update(population, epoch, [a and s > b for a, s, b in zip(alive, scores, before)], scores)
+        scores = [r[monitor] if r is not None else math.nan for r in records]
+        before = best.score or [math.nan] * population.size
+        better = [a and (math.isnan(b) or sign * s > sign * b) for a, s, b in zip(alive, scores, before)]
+        best.update(population, epoch, better, scores)
         last.update(population, epoch, alive, scores)
 
     with threads(cfgs[0]), denormals(cfgs[0]):

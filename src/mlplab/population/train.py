@@ -86,7 +86,11 @@ SHARED_KEYS = (
     "trainer",
     "flush_denormal",
     "population",
+    "callbacks.model_checkpoint.monitor",  # which epoch is a member's best
+    "callbacks.model_checkpoint.mode",
 )
+#: The metrics a member's best epoch can be chosen by (its epoch records).
+MONITORS = ("val/acc", "val/loss", "train/acc", "train/loss")
 #: Trainer settings population training implements: only these values.
 _TRAINER_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "devices": (1, "1", None, "auto"),
@@ -141,6 +145,16 @@ def refusal(plain: dict) -> str | None:
     if (plain.get("data") or {}).get("augment") is not None:
         return "data.augment is not supported by population training; allowed: augment=none"
     callbacks = plain.get("callbacks") or {}
+    checkpoint = callbacks.get("model_checkpoint")
+    if isinstance(checkpoint, dict):
+        monitor, mode = checkpoint.get("monitor"), checkpoint.get("mode", "min")
+        if monitor not in MONITORS:
+            return (
+                f"callbacks.model_checkpoint.monitor={monitor} is not supported by population training; "
+                f"allowed: {', '.join(MONITORS)}"
+            )
+        if mode not in ("min", "max"):
+            return f"callbacks.model_checkpoint.mode={mode} is not supported by population training; allowed: min, max"
     stoppers = [k for k, v in callbacks.items() if isinstance(v, dict) and "EarlyStopping" in str(v.get("_target_"))]
     if stoppers:
         return (
@@ -148,6 +162,15 @@ def refusal(plain: dict) -> str | None:
             "allowed: callbacks without early stopping"
         )
     return None
+
+
+def best_epoch_rule(cfg: DictConfig) -> tuple[str, str]:
+    """The metric and mode that choose a member's best epoch: its ``callbacks.model_checkpoint``'s
+    (``monitor``, ``mode``), or (``val/acc``, ``max``) without one."""
+    node = OmegaConf.select(cfg, "callbacks.model_checkpoint")
+    if not isinstance(node, DictConfig):
+        return "val/acc", "max"
+    return str(node.get("monitor")), str(node.get("mode", "min"))
 
 
 def first_difference(a: dict, b: dict) -> str | None:
