@@ -13,6 +13,7 @@ from mlplab.commandline import check_command_line, command_overrides
 CASES = {
     "model=relu_mpl": "error: model=relu_mpl is not an option; allowed: numpy_mlp, relu_mlp, relu_net, sigmoid_net, "
     "simple_net (did you mean relu_mlp?)",
+    "recipe=digitz": "error: recipe=digitz is not an option; allowed: digits, moons, none (did you mean digits?)",
     "modle=relu_mlp": "error: modle is neither a config group nor a key; did you mean model=relu_mlp?",
     "optimizer.learning_rate=0.1": "error: optimizer.learning_rate is not a key of optimizer=sgd; allowed: lr, momentum, "
     "weight_decay, nesterov (did you mean lr?)",
@@ -48,6 +49,7 @@ def test_a_command_hydra_accepts_passes(monkeypatch):
         ["-m", "model=simple_net,relu_mlp", "optimizer.lr=0.1,0.2"],
         ["hparams_search=digits_optuna", "hydra.sweeper.n_trials=2"],
         ["--cfg", "job", "data=mnist"],
+        ["data=mnist", "recipe=digits"],
         [],
     ):
         check_command_line(["train.py", *args], "train", CONF)

@@ -61,6 +61,9 @@ RUN_BY = {
     "experiment/lesson_d_models_seeds": "test_population_launcher.py::test_seeds_presets_run_as_populations_and_report_over_seeds",
     "experiment/dropout_seeds": "test_population_launcher.py::test_seeds_presets_run_as_populations_and_report_over_seeds",
     "experiment/moons_activations_seeds": "test_population_launcher.py::test_seeds_presets_run_as_populations_and_report_over_seeds",
+    "recipe/digits": "test_results.py::test_the_digits_recipe_is_the_default_and_reaches_97_percent",
+    "recipe/moons": "test_results.py::test_the_moons_recipe_keeps_the_epoch_of_least_val_loss",
+    "recipe/none": "test_lessons.py::test_xor_preset_learns_xor_and_eval_reproduces_it",  # in every lesson preset
     "hparams_search/digits_optuna": "test_sweeps.py::test_optuna_search_on_digits",
     "hydra/default": "test_cli.py::test_single_run_outputs_and_tensorboard",
     "hydra/launcher/joblib": "test_sweeps.py::test_joblib_sweep_runs_jobs_in_parallel_into_one_sweep_dir_and_survives_a_failure",

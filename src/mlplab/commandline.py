@@ -47,6 +47,10 @@ _INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "search
 _NO_RUN_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc"}
 
 
+#: Groups the defaults list marks optional: Hydra skips a missing option of them without a word.
+OPTIONAL_GROUPS = ("recipe",)
+
+
 def command_overrides(args: list[str]) -> list[str] | None:
     """The overrides of a Hydra command line (its positional arguments); None where it runs no job."""
     overrides, i = [], 0
@@ -197,6 +201,13 @@ def check(overrides: list[str], config_name: str, conf_dir: Path) -> None:
                         raise _Refused(
                             f"{group}={value} is not an option; allowed: {', '.join(options)}{_hint(value, options)}"
                         )
+            for override in plain:  # an optional group (recipe: ${data}) skips a missing option silently
+                key, _, value = override.partition("=")
+                if key in OPTIONAL_GROUPS and value not in group_options(key):
+                    options = group_options(key)
+                    raise _Refused(
+                        f"{key}={value} is not an option; allowed: {', '.join(options)}{_hint(value, options)}"
+                    )
             try:
                 composed = _compose(config_name, plain)
             except MissingConfigException as err:

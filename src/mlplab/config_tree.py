@@ -2,7 +2,8 @@
 
 At the start of a run (``print_config=true``, the default) the console shows one line per
 config group: the option chosen and its few keys that matter most, plus any key of that
-group set on the command line, e.g. ``optimizer: sgd  lr=0.05 momentum=0.9``. The whole
+group set on the command line or by the data's recipe (``conf/recipe/``), e.g.
+``optimizer: sgd  lr=0.05 momentum=0.9``. The whole
 resolved config, every key of every group, goes to ``<run dir>/config_tree.log``.
 """
 
@@ -19,6 +20,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from mlplab.atomic import atomic_write_text
+from mlplab.groups import CONF_DIR, group_options
 
 TREE_FILE = "config_tree.log"
 #: The groups shown, in this order, and the keys of each always shown (when the option has them).
@@ -46,15 +48,44 @@ def _choices() -> dict[str, Any]:
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
 
 
-def _overridden(group: str) -> list[str]:
-    """The keys of ``group`` set on this run's command line (``optimizer.lr=0.1`` -> ``lr``)."""
+def _recipe(choices: dict[str, Any]) -> str | None:
+    """The recipe chosen (``conf/recipe/<data>.yaml``), if there is one and it is not ``none``."""
+    choice = choices.get("recipe")
+    if choice in (None, "None", "none") or str(choice) not in group_options("recipe"):
+        return None
+    return str(choice)
+
+
+def _recipe_keys(recipe: str | None) -> list[str]:
+    """The dotted keys the recipe sets (``optimizer.lr``, ...), from its file under ``conf/``."""
+    path = CONF_DIR / "recipe" / f"{recipe}.yaml"
+    if recipe is None or not path.is_file():
+        return []
+    node = OmegaConf.load(path)
+    keys: list[str] = []
+
+    def walk(n: Any, prefix: str) -> None:
+        for k, v in n.items():
+            if k == "defaults":
+                continue
+            if isinstance(v, DictConfig):
+                walk(v, f"{prefix}{k}.")
+            else:
+                keys.append(f"{prefix}{k}")
+
+    walk(node, "")
+    return keys
+
+
+def _overridden(group: str, recipe: str | None = None) -> list[str]:
+    """The keys of ``group`` set on this run's command line (``optimizer.lr=0.1`` -> ``lr``)
+    or by its recipe."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return []
     keys = []
-    for override in HydraConfig.get().overrides.task:
-        key = str(override).lstrip("+~").split("=", 1)[0]
+    for key in [str(o).lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task] + _recipe_keys(recipe):
         if key.startswith(f"{group}."):
             keys.append(key[len(group) + 1 :].split(".", 1)[0])
     return keys
@@ -66,7 +97,7 @@ def _value(node: Any) -> str:
     return str(node)
 
 
-def _group_line(cfg: DictConfig, group: str, choice: Any) -> Text:
+def _group_line(cfg: DictConfig, group: str, choice: Any, recipe: str | None = None) -> Text:
     node = cfg.get(group)
     line = Text(f"{group}: ", style="bold")
     if node is None or (isinstance(node, DictConfig) and not node):
@@ -81,7 +112,7 @@ def _group_line(cfg: DictConfig, group: str, choice: Any) -> Text:
         line.append(f"  ({', '.join(names)})", style="dim")
         return line
     keys = [k for k in GROUPS[group] if k in node]
-    keys += [k for k in _overridden(group) if k in node and k not in keys]
+    keys += [k for k in dict.fromkeys(_overridden(group, recipe)) if k in node and k not in keys]
     shown = " ".join(f"{k}={_value(node[k])}" for k in keys)
     if shown:
         line.append(f"  {shown}")
@@ -91,11 +122,13 @@ def _group_line(cfg: DictConfig, group: str, choice: Any) -> Text:
 def compact_tree(cfg: DictConfig) -> Tree:
     """One line per group: its option and its main (and command-line) keys."""
     choices = _choices()
+    recipe = _recipe(choices)
     tree = Tree(Text(f"config (all of it: {TREE_FILE} in the run dir)", style="bold"), guide_style="dim")
     for group in GROUPS:
         if group in cfg:
-            tree.add(_group_line(cfg, group, choices.get(group)))
+            tree.add(_group_line(cfg, group, choices.get(group), recipe))
     top = [f"{k}={_value(cfg[k])}" for k in TOP_KEYS if k in cfg]
+    top += [f"recipe={recipe}"] if recipe else []
     top += [f"{p}={choices[p]}" for p in PRESETS if choices.get(p) not in (None, "None")]
     tree.add(Text("  ".join(top)))
     return tree
