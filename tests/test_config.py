@@ -117,9 +117,11 @@ def test_default_train_config(tmp_path):
     assert cfg.model._target_ == "mlplab.models.MLP"
     assert list(cfg.model.hidden_sizes) == [256, 128]
     assert cfg.optimizer._target_ == "torch.optim.SGD"
-    assert cfg.optimizer.lr == 0.05 and cfg.optimizer.momentum == 0.9
-    assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.CosineAnnealingLR" and cfg.scheduler.T_max == 10
-    assert cfg.trainer.accelerator == "auto" and cfg.trainer.devices == 1 and cfg.trainer.max_epochs == 10
+    # The groups' defaults, with data=digits' recipe (conf/recipe/digits.yaml) on top.
+    assert cfg.optimizer.lr == 0.05 and cfg.optimizer.momentum == 0.9 and cfg.optimizer.weight_decay == 0.0
+    assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.CosineAnnealingLR" and cfg.scheduler.T_max == 40
+    assert cfg.trainer.accelerator == "auto" and cfg.trainer.devices == 1 and cfg.trainer.max_epochs == 40
+    assert (cfg.data.mean, cfg.data.std, cfg.loss.label_smoothing) == (0.305, 0.376, 0.1)
     assert set(cfg.logger) == {"tensorboard"}
     assert set(cfg.callbacks) == {
         "model_checkpoint",
@@ -151,7 +153,7 @@ def test_default_train_config(tmp_path):
 )
 def test_data_options_build_datamodules(tmp_path, monkeypatch, option, cls, batch, val_size, mean, std, input_dim):
     monkeypatch.setenv("MLPLAB_DATA_DIR", str(tmp_path / "datasets"))
-    cfg = compose_cfg([f"data={option}"], tmp_path / "out")
+    cfg = compose_cfg([f"data={option}", "recipe=none"], tmp_path / "out")  # the data option's own values
     dm = build_datamodule(cfg.data)
     assert type(dm) is cls
     assert dm.batch_size == batch
@@ -250,7 +252,7 @@ CPU_TRAINER_CASES = [
 
 @pytest.mark.parametrize(("option", "strategy_cls", "num_devices"), CPU_TRAINER_CASES)
 def test_cpu_trainers_instantiate(tmp_path, option, strategy_cls, num_devices):
-    cfg = compose_cfg([f"trainer={option}", "logger=none", "callbacks=none"], tmp_path)
+    cfg = compose_cfg([f"trainer={option}", "logger=none", "callbacks=none", "recipe=none"], tmp_path)
     validate_trainer(cfg)
     assert cfg.trainer.max_epochs == 10 and cfg.trainer.min_epochs == 1
     if option == "ddp_cpu":
@@ -276,7 +278,7 @@ GPU_TRAINER_CASES = [
 
 @pytest.mark.parametrize(("option", "expected"), GPU_TRAINER_CASES)
 def test_gpu_trainers_compose(tmp_path, option, expected):
-    cfg = compose_cfg([f"trainer={option}"], tmp_path)
+    cfg = compose_cfg([f"trainer={option}", "recipe=none"], tmp_path)
     for key, value in expected.items():
         assert cfg.trainer[key] == value, key
     if option == "ddp":
@@ -551,7 +553,7 @@ def test_net_the_allocator_refuses_says_what_it_asked_for(tmp_path, monkeypatch)
 
 def test_the_run_prints_its_config_tree_and_saves_it_whole(tmp_path, capsys):
     """After the first line, one line per group: the option, its main keys and the keys set on
-    the command line; the whole resolved config in <run dir>/config_tree.log. print_config=false:
+    the command line or by the recipe; the whole resolved config in <run dir>/config_tree.log. print_config=false:
     neither."""
     from conftest import QUICK
     from mlplab.engines import fit
@@ -562,15 +564,15 @@ def test_the_run_prints_its_config_tree_and_saves_it_whole(tmp_path, capsys):
     assert lines[0].startswith("train: MLP (") and lines[1].startswith("config (all of it: config_tree.log")
     callbacks = "model_checkpoint, progress_bar, gradient_norms, weight_histograms, sample_inputs, test_report"
     assert lines[2:11] == [
-        "├── data: digits  batch_size=32",
+        "├── data: digits  batch_size=32 mean=0.305 std=0.376",  # the recipe's keys too
         "├── model: relu_mlp  hidden_sizes=[256, 128] activation=relu dropout=0.1 batch_norm=False",
-        "├── loss: cross_entropy",
+        "├── loss: cross_entropy  label_smoothing=0.1",
         "├── optimizer: adam  lr=0.001 weight_decay=0.0 amsgrad=True",
         "├── scheduler: cosine",
         "├── trainer: cpu  max_epochs=1 accelerator=cpu devices=1 enable_model_summary=False",
         f"├── callbacks: default  ({callbacks}, misclassified, decision_boundary)"[:119] + "…",
         "├── logger: none",
-        "└── engine=lightning  seed=42  steps_per_call=16",
+        "└── engine=lightning  seed=42  steps_per_call=16  recipe=digits",
     ], lines[2:11]
     saved = (tmp_path / "run" / "config_tree.log").read_text()
     assert "├── optimizer" in saved and "amsgrad: true" in saved and "seed: 42" in saved

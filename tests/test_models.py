@@ -317,3 +317,24 @@ def test_one_update_for_a_fused_block_equals_one_update_per_minibatch():
     for state in ("loss_sum", "correct", "total"):
         assert torch.equal(getattr(block, state), getattr(per_step, state)), state
     assert block.total.item() == 209
+
+
+def test_squared_error_smooths_its_targets_alone_and_in_a_population():
+    """loss=mse with label_smoothing e: targets (1 - e) * onehot + e / K (one unit: K = 2),
+    each population member with its own e."""
+    from mlplab.models.losses import SquaredError
+    from mlplab.population.stacked import PopulationLoss
+
+    torch.manual_seed(0)
+    out, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+    target = 0.7 * nn.functional.one_hot(y, 3).float() + 0.1
+    assert SquaredError(0.3)(out, y).item() == pytest.approx(0.5 * (out - target).pow(2).sum(1).mean().item())
+    one, b = torch.rand(4, 1), torch.tensor([0, 1, 1, 0])
+    expected = 0.5 * (one - (0.8 * b.float().unsqueeze(1) + 0.1)).pow(2).sum(1).mean()
+    assert SquaredError(0.2)(one, b).item() == pytest.approx(expected.item())
+    assert SquaredError()(out, y).item() == pytest.approx(SquaredError(0.0)(out, y).item())
+    losses = [SquaredError(0.3), SquaredError(0.0)]
+    stacked = PopulationLoss(losses)(torch.stack([out, out + 1]), torch.stack([y, y]))
+    assert stacked.tolist() == pytest.approx([losses[0](out, y).item(), losses[1](out + 1, y).item()])
+    with pytest.raises(ConfigError, match=r"loss.label_smoothing=1.0 is invalid; allowed: a number in \[0, 1\)"):
+        SquaredError(1.0)

@@ -29,7 +29,10 @@ from mlplab.hparams import HPARAM_METRICS, flat_hparams, write_hparams_summary
 from mlplab.numpy_net import NumpyMLP
 from mlplab.runs import mark_training_started
 
-REQUIRED = "loss=mse scheduler=none optimizer=sgd optimizer.momentum=0 optimizer.weight_decay=0 augment=none"
+REQUIRED = (
+    "loss=mse loss.label_smoothing=0 scheduler=none optimizer=sgd optimizer.momentum=0 "
+    "optimizer.weight_decay=0 augment=none"
+)
 
 
 def _check(cfg: DictConfig) -> None:
@@ -39,6 +42,7 @@ def _check(cfg: DictConfig) -> None:
     ok = (
         loss is not None
         and loss.endswith("SquaredError")
+        and not OmegaConf.select(cfg, "loss.label_smoothing", default=0)
         and not cfg.get("scheduler")
         and opt.get("_target_") == "torch.optim.SGD"
         and not opt.get("momentum")
@@ -50,7 +54,7 @@ def _check(cfg: DictConfig) -> None:
         raise ConfigError(
             f"model=numpy_mlp trains with squared error and plain gradient descent only (got loss={loss}, "
             f"optimizer={opt.get('_target_')} momentum={opt.get('momentum')}, scheduler={'set' if cfg.get('scheduler') else 'none'}); "
-            f"allowed: {REQUIRED} (as experiment=digits_numpy sets)"
+            f"allowed: {REQUIRED} (as experiment=digits_numpy sets; recipe=none drops a dataset's recipe)"
         )
 
 

@@ -15,6 +15,27 @@ from torch import Tensor, nn
 from mlplab.errors import ConfigError
 
 
+def _smoothing(value: object) -> float:
+    """``loss.label_smoothing``, checked: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ConfigError(f"loss.label_smoothing={value!r} is invalid; allowed: a number in [0, 1)")
+    return float(value)
+
+
+def smoothed_targets(labels: Tensor, num_outputs: int, label_smoothing: Tensor | float, dtype: torch.dtype) -> Tensor:
+    """Squared error's targets: the one-hot label (one output unit: the 0/1 label) mixed with the
+    uniform distribution over the classes, ``(1 - e) * onehot + e / K`` (``e`` may be ``[M, 1, 1]``)."""
+    if num_outputs == 1:
+        target = labels.to(dtype).unsqueeze(-1)
+        classes = 2
+    else:
+        target = F.one_hot(labels, num_outputs).to(dtype)
+        classes = num_outputs
+    if isinstance(label_smoothing, Tensor) or label_smoothing:
+        target = (1 - label_smoothing) * target + label_smoothing / classes
+    return target
+
+
 class ClassificationLoss(nn.Module):
     """``loss(outputs, labels)`` plus ``scores(outputs)`` (arg-max = predicted class)."""
 
@@ -33,13 +54,7 @@ class CrossEntropy(ClassificationLoss):
 
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        if (
-            isinstance(label_smoothing, bool)
-            or not isinstance(label_smoothing, (int, float))
-            or not 0 <= label_smoothing < 1
-        ):
-            raise ConfigError(f"loss.label_smoothing={label_smoothing!r} is invalid; allowed: a number in [0, 1)")
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = _smoothing(label_smoothing)
 
     def scores(self, outputs: Tensor) -> Tensor:
         if outputs.size(1) == 1:
@@ -56,8 +71,14 @@ class SquaredError(ClassificationLoss):
 
     (Lesson C writes the loss summed over the batch too; the mean keeps the learning rate
     independent of the batch size. For a batch of one both are the same.) With one output
-    unit ``d`` is the 0/1 label and the predicted class is ``o > 0.5``.
+    unit ``d`` is the 0/1 label and the predicted class is ``o > 0.5``. ``label_smoothing``
+    in [0, 1) mixes ``d`` with the uniform distribution, ``(1 - e) * d + e / K`` (0: the
+    lessons' loss).
     """
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = _smoothing(label_smoothing)
 
     def scores(self, outputs: Tensor) -> Tensor:
         if outputs.size(1) == 1:
@@ -65,8 +86,5 @@ class SquaredError(ClassificationLoss):
         return outputs
 
     def forward(self, outputs: Tensor, labels: Tensor) -> Tensor:
-        if outputs.size(1) == 1:
-            target = labels.to(outputs.dtype).unsqueeze(1)
-        else:
-            target = F.one_hot(labels, outputs.size(1)).to(outputs.dtype)
+        target = smoothed_targets(labels, outputs.size(1), self.label_smoothing, outputs.dtype)
         return 0.5 * (outputs - target).pow(2).sum(dim=1).mean()

@@ -11,7 +11,7 @@ from torch.func import functional_call, vmap
 
 from mlplab.errors import ConfigError
 from mlplab.models import ClassificationLoss, CrossEntropy
-from mlplab.models.losses import SquaredError
+from mlplab.models.losses import SquaredError, smoothed_targets
 
 # -- the stacked nets -----------------------------------------------------------------------------
 
@@ -124,7 +124,7 @@ class PopulationLoss:
     """Each member's mean loss over its own minibatch: ``self(outputs [M, B, o], labels [M, B]) -> [M]``.
 
     Cross-entropy (each member with its own ``label_smoothing``, torch's formula) or
-    mlplab's squared error; ``scores`` maps outputs to class scores as the single loss does.
+    mlplab's squared error (its smoothed targets); ``scores`` maps outputs to class scores as the single loss does.
     """
 
     def __init__(self, losses: Sequence[ClassificationLoss], device: torch.device | str = "cpu") -> None:
@@ -148,10 +148,8 @@ class PopulationLoss:
     def __call__(self, outputs: Tensor, labels: Tensor) -> Tensor:
         scores = self.scores(outputs)
         if self.kind == "mse":
-            if outputs.size(-1) == 1:
-                target = labels.to(outputs.dtype).unsqueeze(-1)
-            else:
-                target = nn.functional.one_hot(labels, outputs.size(-1)).to(outputs.dtype)
+            e = self.label_smoothing.to(outputs.dtype).view(-1, 1, 1) if self.smoothed else 0.0
+            target = smoothed_targets(labels, outputs.size(-1), e, outputs.dtype)
             return 0.5 * (outputs - target).pow(2).sum(dim=-1).mean(dim=-1)
         logp = scores.log_softmax(dim=-1)
         nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
