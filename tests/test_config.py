@@ -563,8 +563,9 @@ def test_the_run_prints_its_config_tree_and_saves_it_whole(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("train: MLP (") and lines[1].startswith("config (all of it: config_tree.log")
     callbacks = "model_checkpoint, progress_bar, gradient_norms, weight_histograms, sample_inputs, test_report"
+    # The recipe's keys too (data.mean, data.std, loss.label_smoothing).
     assert lines[2:11] == [
-        "├── data: digits  batch_size=32 mean=0.305 std=0.376",  # the recipe's keys too
+        "├── data: digits  batch_size=32 mean=0.305 std=0.376",
         "├── model: relu_mlp  hidden_sizes=[256, 128] activation=relu dropout=0.1 batch_norm=False",
         "├── loss: cross_entropy  label_smoothing=0.1",
         "├── optimizer: adam  lr=0.001 weight_decay=0.0 amsgrad=True",

@@ -334,7 +334,12 @@ def test_numpy_mlp_refuses_settings_it_would_ignore(tmp_path):
         ConfigError, match="model=numpy_mlp trains with squared error and plain gradient descent"
     ) as info:
         train(cfg)
-    assert "allowed: loss=mse scheduler=none" in str(info.value)
+    assert "allowed: loss=mse loss.label_smoothing=0 scheduler=none" in str(info.value)
+    assert "recipe=none drops a dataset's recipe" in str(info.value)
+    # Everything else right, but the digits recipe's label smoothing: refused, not ignored.
+    plain = ["loss=mse", "scheduler=none", "optimizer.momentum=0"]
+    with pytest.raises(ConfigError, match="model=numpy_mlp trains with squared error"):
+        train(compose_cfg([*QUIET, "model=numpy_mlp", *plain], tmp_path))
     with pytest.raises(ConfigError, match="model.activation='relu' is invalid for model=numpy_mlp"):
         build_net(compose_cfg(["model=numpy_mlp", "+model.activation=relu"], tmp_path).model, XORDataModule())
 
