@@ -227,7 +227,11 @@ def _one_rank_test(ckpt: Path, tmp_path: Path) -> tuple[dict[str, float], dict[s
     assert padded != pytest.approx(correct.float().mean().item(), abs=1e-6)
     return evaluated, {
         "test/acc": correct.float().mean().item(),
-        "test/loss": torch.nn.functional.cross_entropy(logits, y).item(),
+        "test/loss": torch.nn.functional.cross_entropy(
+            logits,
+            y,
+            label_smoothing=float(stored.loss.get("label_smoothing", 0.0)),  # the recipe's, on digits
+        ).item(),
     }
 
 
