@@ -203,8 +203,8 @@ def check(overrides: list[str], config_name: str, conf_dir: Path) -> None:
                         )
             for override in plain:  # an optional group (recipe: ${data}) skips a missing option silently
                 key, _, value = override.partition("=")
-                if key in OPTIONAL_GROUPS and value not in group_options(key):
-                    options = group_options(key)
+                options = group_options(key) if key in OPTIONAL_GROUPS else None
+                if options is not None and value not in options:
                     raise _Refused(
                         f"{key}={value} is not an option; allowed: {', '.join(options)}{_hint(value, options)}"
                     )

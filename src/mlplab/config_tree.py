@@ -57,7 +57,7 @@ def _recipe(choices: dict[str, Any]) -> str | None:
 
 
 def _recipe_keys(recipe: str | None) -> list[str]:
-    """The dotted keys the recipe sets (``optimizer.lr``, ...), from its file under ``conf/``."""
+    """The dotted keys the recipe sets (``loss.label_smoothing``, ...), from its file under ``conf/``."""
     path = CONF_DIR / "recipe" / f"{recipe}.yaml"
     if recipe is None or not path.is_file():
         return []
@@ -77,15 +77,15 @@ def _recipe_keys(recipe: str | None) -> list[str]:
     return keys
 
 
-def _overridden(group: str, recipe: str | None = None) -> list[str]:
+def _overridden(group: str, recipe_keys: list[str]) -> list[str]:
     """The keys of ``group`` set on this run's command line (``optimizer.lr=0.1`` -> ``lr``)
-    or by its recipe."""
+    or by its recipe (``recipe_keys``, dotted)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return []
     keys = []
-    for key in [str(o).lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task] + _recipe_keys(recipe):
+    for key in [str(o).lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task] + recipe_keys:
         if key.startswith(f"{group}."):
             keys.append(key[len(group) + 1 :].split(".", 1)[0])
     return keys
@@ -97,7 +97,7 @@ def _value(node: Any) -> str:
     return str(node)
 
 
-def _group_line(cfg: DictConfig, group: str, choice: Any, recipe: str | None = None) -> Text:
+def _group_line(cfg: DictConfig, group: str, choice: Any, recipe_keys: list[str]) -> Text:
     node = cfg.get(group)
     line = Text(f"{group}: ", style="bold")
     if node is None or (isinstance(node, DictConfig) and not node):
@@ -112,7 +112,7 @@ def _group_line(cfg: DictConfig, group: str, choice: Any, recipe: str | None = N
         line.append(f"  ({', '.join(names)})", style="dim")
         return line
     keys = [k for k in GROUPS[group] if k in node]
-    keys += [k for k in dict.fromkeys(_overridden(group, recipe)) if k in node and k not in keys]
+    keys += [k for k in dict.fromkeys(_overridden(group, recipe_keys)) if k in node and k not in keys]
     shown = " ".join(f"{k}={_value(node[k])}" for k in keys)
     if shown:
         line.append(f"  {shown}")
@@ -123,10 +123,11 @@ def compact_tree(cfg: DictConfig) -> Tree:
     """One line per group: its option and its main (and command-line) keys."""
     choices = _choices()
     recipe = _recipe(choices)
+    recipe_keys = _recipe_keys(recipe)  # read once, for every group's line
     tree = Tree(Text(f"config (all of it: {TREE_FILE} in the run dir)", style="bold"), guide_style="dim")
     for group in GROUPS:
         if group in cfg:
-            tree.add(_group_line(cfg, group, choices.get(group), recipe))
+            tree.add(_group_line(cfg, group, choices.get(group), recipe_keys))
     top = [f"{k}={_value(cfg[k])}" for k in TOP_KEYS if k in cfg]
     top += [f"recipe={recipe}"] if recipe else []
     top += [f"{p}={choices[p]}" for p in PRESETS if choices.get(p) not in (None, "None")]
