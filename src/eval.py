@@ -8,7 +8,6 @@ from omegaconf import DictConfig
 
 from mlplab.cli import prepare_argv, register_resolvers, run_job, set_project_root
 from mlplab.commandline import check_command_line
-from mlplab.engines import evaluate
 
 set_project_root(__file__)
 register_resolvers()
@@ -16,6 +15,8 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from mlplab.engines import evaluate  # torch and Lightning load once the command line is checked
+
     run_job(cfg, evaluate)
 
 

@@ -11,7 +11,6 @@ from omegaconf import DictConfig
 
 from mlplab.cli import expand_resume, prepare_argv, register_resolvers, run_job, set_project_root
 from mlplab.commandline import check_command_line
-from mlplab.engines import fit
 
 set_project_root(__file__)
 register_resolvers()
@@ -20,6 +19,8 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     # Returns cfg.optimized_metric for Hydra sweepers (Optuna); run.json records the rest.
+    from mlplab.engines import fit  # torch and Lightning load once the command line is checked
+
     return run_job(cfg, fit)
 
 

@@ -72,8 +72,8 @@ def test_real_data_accuracy_targets(tmp_path: Path, real_data_dir: Path, data: s
 
 
 @pytest.mark.slow
-# The presets' goals (docs: Results): fashion_fast reaches 0.904 with its seed.
-@pytest.mark.parametrize(("preset", "target"), [("mnist_fast", 0.985), ("fashion_fast", 0.90)])
-def test_time_to_accuracy_presets(real_data_dir, tmp_path, preset, target):
-    """The speed presets reach their stated test accuracy (their wall times: benchmarks/RESULTS.md)."""
-    assert _test_acc(tmp_path, f"experiment={preset}", "trainer=cpu", f"data.data_dir={real_data_dir}") >= target
+def test_fashion_fast_reaches_its_goal_with_its_seed(real_data_dir, tmp_path):
+    """fashion_fast with its seed (42) reaches 0.90 (docs: Results). Over seeds 1-5 its mean,
+    0.904, is below the 0.905 reference, so it has no row in tests/test_results.py;
+    mnist_fast's mean is checked there."""
+    assert _test_acc(tmp_path, "experiment=fashion_fast", "trainer=cpu", f"data.data_dir={real_data_dir}") >= 0.90

@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from conftest import CONF, run_cli
+from conftest import CONF, REPO, run_cli
 from mlplab.commandline import check_command_line, command_overrides
 
 CASES = {
@@ -84,3 +87,18 @@ def test_the_cli_gives_the_line_and_leaves_nothing_and_hydra_full_error_gives_hy
         and "MissingConfigException" in proc.stderr
         and "Could not find 'model/relu_mpl'" in proc.stderr
     )
+
+
+@pytest.mark.parametrize(("script", "typed"), [("train", "modle=relu_mlp"), ("eval", "ckpt_path=x.ckpt modle=x")])
+def test_a_refused_command_line_never_loads_torch(tmp_path, script, typed):
+    """The refusal comes before torch and Lightning load (seconds on 2 cores): a typo costs
+    the user about a second."""
+    probe = (
+        "import atexit, runpy, sys\n"
+        "atexit.register(lambda: print('loaded:', sorted({'torch', 'lightning'} & set(sys.modules))))\n"
+        f"sys.argv = [{str(REPO / 'src' / f'{script}.py')!r}, *{typed.split()!r}]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: modle is neither"), proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "loaded: []"

@@ -392,15 +392,20 @@ def test_experiment_lesson_d_fashion(tmp_path):
     assert opt.param_groups[0]["lr"] == 0.001
 
 
-@pytest.mark.parametrize("preset", ["mnist_fast", "fashion_fast"])
-def test_experiment_fast_presets(tmp_path, preset):
+@pytest.mark.parametrize(
+    ("preset", "dropout", "augment", "epochs"),
+    [("mnist_fast", 0.0, "RandomAffine", 10), ("fashion_fast", 0.1, None, 15)],
+)
+def test_experiment_fast_presets(tmp_path, preset, dropout, augment, epochs):
     cfg = compose_cfg([f"experiment={preset}"], tmp_path)
     validate_train_config(cfg)
     dm = build_datamodule(cfg.data)
     net = build_net(cfg.model, dm)
     linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(784, 512), (512, 512), (512, 10)]
-    assert [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)] == [0.2, 0.2]
+    assert [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)] == ([dropout] * 2 if dropout else [])
+    assert type(dm.augment).__name__ == augment if augment else dm.augment is None
+    assert cfg.trainer.max_epochs == epochs
     assert cfg.optimizer.nesterov is True and cfg.scheduler._target_.endswith("OneCycleLR")
 
 

@@ -190,6 +190,7 @@ def test_jobs_are_grouped_by_what_they_share_and_split_at_max_members(tmp_path):
     ]
 
 
+@pytest.mark.slow  # a CLI sweep, eval and resume (~50 s); the members' equivalence tests above are default
 def test_a_population_sweep_from_the_command_line(tmp_path):
     """Members and lone jobs in one sweep: one line per group and per lone job, every member dir
     a complete run, the summary over seeds, eval of a member's checkpoint, resume= of a member."""

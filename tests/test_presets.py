@@ -30,6 +30,7 @@ RUN_BY = {
     "augment/none": "test_accuracy.py::test_digits_relu_mlp_reaches_95_percent",
     "augment/affine": "test_lessons.py::test_affine_augmentation_changes_training_batches_only",
     "augment/hflip": "test_presets.py::test_preset_runs",
+    "augment/shift": "test_lessons.py::test_shift_augmentation_moves_each_image_by_whole_pixels_up_to_two",
     "callbacks/default": "test_cli.py::test_single_run_outputs_and_tensorboard",
     "callbacks/diagnostics": "test_presets.py::test_preset_runs",
     "callbacks/early_stopping": "test_presets.py::test_preset_runs",

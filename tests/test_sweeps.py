@@ -282,6 +282,7 @@ def test_launcher_and_search_configs_compose(tmp_path: Path) -> None:
 
 
 # -- CLI: real sweeps -------------------------------------------------------------------------
+@pytest.mark.slow  # two worker processes (~30 s); slow keeps the default suite near 10 min; CI runs it
 def test_joblib_sweep_runs_jobs_in_parallel_into_one_sweep_dir_and_survives_a_failure(tmp_path: Path) -> None:
     log_dir = tmp_path / "logs"
     proc = run_cli(

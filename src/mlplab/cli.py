@@ -25,12 +25,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from hydra.experimental.callback import Callback
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mlplab import rundir, runs, signals
 from mlplab.atomic import remove_stale_partials
-from mlplab.distributed import ddp_job, external_rank_argv
 from mlplab.errors import ConfigError, MlplabError, RunInterrupted
 
 EXIT_USER_ERROR = 2
@@ -76,6 +74,10 @@ def prepare_argv() -> None:
     See :func:`mlplab.distributed.external_rank_argv`; a bad launch is one line on
     stderr and exit code 2, before any output dir exists.
     """
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "SLURM_NTASKS" not in os.environ:
+        return  # neither torchrun nor srun (what Lightning detects them by): torch need not load yet
+    from mlplab.distributed import external_rank_argv
+
     try:
         sys.argv = external_rank_argv(sys.argv)
     except MlplabError as err:
@@ -168,6 +170,10 @@ def run_job(cfg: DictConfig, task: Callable[[DictConfig], dict[str, float]]) -> 
     one, and a resumed run keeps the metrics its earlier part recorded unless it measures
     them again. A run that fails before training removes exactly what it created.
     """
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from mlplab.distributed import ddp_job
+
     multirun, overrides = _hydra_job()
     out_value = OmegaConf.select(cfg, "paths.output_dir", default=None)
     out = Path(out_value) if out_value else None

@@ -75,36 +75,40 @@ What equals the sequential run (tests/test_population.py)
       at once): equal in distribution only (a slow test compares 8 seeds' accuracies).
 """
 
-from mlplab.population.optim import OPTIMIZERS, PopulationOptimizer
-from mlplab.population.stacked import PopulationLoss, StackedNets
-from mlplab.population.train import (
-    MEMBER_KEYS,
-    Divergence,
-    MemberResult,
-    Population,
-    build_population,
-    check_members,
-    epoch_orders,
-    evaluate,
-    population_device,
-    run_population,
-    train_population,
-)
+from __future__ import annotations
 
-__all__ = [
-    "MEMBER_KEYS",
-    "OPTIMIZERS",
-    "Divergence",
-    "MemberResult",
-    "Population",
-    "PopulationLoss",
-    "PopulationOptimizer",
-    "StackedNets",
-    "build_population",
-    "check_members",
-    "epoch_orders",
-    "evaluate",
-    "population_device",
-    "run_population",
-    "train_population",
-]
+import importlib
+from typing import Any
+
+#: Where each name lives. They load on first use (PEP 562), so that importing
+#: :mod:`mlplab.population.launcher` -- which Hydra does for every command, to discover its
+#: plugins -- does not load torch before the command line is checked.
+_MODULES = {
+    "OPTIMIZERS": "optim",
+    "PopulationOptimizer": "optim",
+    "PopulationLoss": "stacked",
+    "StackedNets": "stacked",
+    **dict.fromkeys(
+        (
+            "MEMBER_KEYS",
+            "Divergence",
+            "MemberResult",
+            "Population",
+            "build_population",
+            "check_members",
+            "epoch_orders",
+            "evaluate",
+            "population_device",
+            "run_population",
+            "train_population",
+        ),
+        "train",
+    ),
+}
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
