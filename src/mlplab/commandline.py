@@ -110,7 +110,11 @@ def _missing_option(message: str, overrides: list[str]) -> str | None:
     if not found:
         return None
     group, option = found.groups()
-    options = group_options(group)
+    return _not_an_option(group, option, group_options(group))
+
+
+def _not_an_option(group: str, option: str, options: list[str]) -> str:
+    """The one line for ``group=option`` where ``option`` is not one of the group's ``options``."""
     return f"{group}={option} is not an option; allowed: {', '.join(options)}{_hint(option, options)}"
 
 
@@ -198,16 +202,12 @@ def check(overrides: list[str], config_name: str, conf_dir: Path) -> None:
                 options = group_options(group) if "." not in group else []
                 for value in values if options else []:
                     if value not in options:
-                        raise _Refused(
-                            f"{group}={value} is not an option; allowed: {', '.join(options)}{_hint(value, options)}"
-                        )
+                        raise _Refused(_not_an_option(group, value, options))
             for override in plain:  # an optional group (recipe: ${data}) skips a missing option silently
                 key, _, value = override.partition("=")
                 options = group_options(key) if key in OPTIONAL_GROUPS else None
                 if options is not None and value not in options:
-                    raise _Refused(
-                        f"{key}={value} is not an option; allowed: {', '.join(options)}{_hint(value, options)}"
-                    )
+                    raise _Refused(_not_an_option(key, value, options))
             try:
                 composed = _compose(config_name, plain)
             except MissingConfigException as err:
