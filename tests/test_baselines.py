@@ -45,6 +45,8 @@ def test_the_command_prints_a_table_and_refuses_bad_input_in_one_line(capsys, mo
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "| data | baseline | val/acc | test/acc | fit (s) |"
     assert [line.split(" | ")[1] for line in out[2:]] == ["logistic_regression", "svc"]
+    assert main(["experiment=moons_activations", "baselines=logistic_regression"]) == 0  # data= from the preset
+    assert capsys.readouterr().out.splitlines()[2].startswith("| moons | logistic_regression | ")
     assert main(["baselines=knn"]) == 2
     assert (
         capsys.readouterr().err.strip()

@@ -129,15 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     check_command_line(["baselines", *overrides], "train", Path(CONF_DIR))  # one line and exit 2, as train.py
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
     GlobalHydra.instance().clear()
+    choice = cfg.hydra.runtime.choices.data  # data= as composed: experiment=mnist_fast says mnist
     try:
         rows = run_baselines(cfg.data, names, int(cfg.seed))
     except MlplabError as err:
         text = str(err).strip()
         print(f"error: {text.splitlines()[0] if text else type(err).__name__}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
-    choice = next((o.split("=", 1)[1] for o in overrides if o.startswith("data=")), "digits")
     print(table(rows, choice), flush=True)
     return 0
 
