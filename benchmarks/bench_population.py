@@ -13,7 +13,8 @@ Cases (each the same sweep under both launchers, as a user types it):
 Each command runs in its own process (``python src/train.py -m ...``), the two launchers
 alternating over ``--rounds`` rounds (ABBA); figures are medians over rounds. Per command:
 the whole wall time; its start (from the process start to Hydra's "Launching jobs" line:
-imports and the sweeper's composition of every job, paid by either launcher); peak RSS
+Hydra and the sweeper's composition of every job, paid by either launcher; torch and
+Lightning load after it, when the first job runs); peak RSS
 (``wait4``); jobs per second of the whole command; and, for the population, the seconds
 its training loop took and member-epochs per second (its own report line). Writes
 ``<out>/population.json`` and prints a Markdown table.
