@@ -47,6 +47,7 @@ SMOKE = {"digits16": ["seed=1,2", "trainer.max_epochs=1"]}
 LAUNCHERS = {"basic": [], "population": ["hydra/launcher=population"]}
 LAUNCH_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[HYDRA\] Launching ", re.MULTILINE)
 TRAINED_LINE = re.compile(r"population of (\d+): trained in ([\d.]+) s")
+EPOCH_LINE = re.compile(r"population of \d+: epoch \d+/(\d+),")
 
 
 def run_command(args: list[str], root: Path, data_dir: Path) -> dict:
@@ -72,10 +73,17 @@ def run_command(args: list[str], root: Path, data_dir: Path) -> dict:
     launch = LAUNCH_LINE.search(out)
     start = datetime.strptime(launch.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() - started_wall if launch else None
     trained = [(int(m), float(s)) for m, s in TRAINED_LINE.findall(out)]
-    return {"wall_s": wall, "start_s": start, "trained": trained, "peak_rss_mb": usage.ru_maxrss / 1024}
+    epochs = {int(e) for e in EPOCH_LINE.findall(out)}  # the jobs' own max_epochs (a recipe may set it)
+    return {
+        "wall_s": wall,
+        "start_s": start,
+        "trained": trained,
+        "epochs": max(epochs, default=None),
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+    }
 
 
-def bench_case(name: str, args: list[str], rounds: int, data_dir: Path, jobs: int, epochs: int) -> dict:
+def bench_case(name: str, args: list[str], rounds: int, data_dir: Path, jobs: int) -> dict:
     figures: dict[str, list[dict]] = {k: [] for k in LAUNCHERS}
     for r in range(rounds):
         order = list(LAUNCHERS) if r % 2 == 0 else list(reversed(LAUNCHERS))
@@ -91,6 +99,7 @@ def bench_case(name: str, args: list[str], rounds: int, data_dir: Path, jobs: in
                 f"start {result['start_s']:.1f} s, peak {result['peak_rss_mb']:.0f} MB",
                 flush=True,
             )
+    epochs = figures["population"][0]["epochs"]
     out: dict = {"args": args, "jobs": jobs, "epochs": epochs, "rounds": rounds}
     for launcher, runs in figures.items():
         wall = statistics.median(r["wall_s"] for r in runs)
@@ -104,7 +113,7 @@ def bench_case(name: str, args: list[str], rounds: int, data_dir: Path, jobs: in
         if launcher == "population":
             train_s = statistics.median(sum(s for _, s in r["trained"]) for r in runs)
             entry["train_s"] = round(train_s, 2)
-            entry["member_epochs_per_s"] = round(jobs * epochs / train_s, 1) if train_s else None
+            entry["member_epochs_per_s"] = round(jobs * epochs / train_s, 1) if train_s and epochs else None
         out[launcher] = entry
     out["ratio"] = round(out["population"]["wall_s"] / out["basic"]["wall_s"], 3)
     after_start = [
@@ -143,9 +152,7 @@ def main() -> None:
     results: dict = {"cuda": cuda, "cases": {}}
     try:
         for name, case in cases.items():
-            jobs = _count_jobs(case)
-            epochs = int(next((a.split("=")[1] for a in case if a.startswith("trainer.max_epochs=")), 10))
-            results["cases"][name] = bench_case(name, case, rounds, data_dir, jobs, epochs)
+            results["cases"][name] = bench_case(name, case, rounds, data_dir, _count_jobs(case))
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)

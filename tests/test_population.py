@@ -19,6 +19,7 @@ from conftest import QUICK, compose_cfg, load_ckpt
 from mlplab.engines.build import build_datamodule, build_net
 from mlplab.engines.run import fit
 from mlplab.errors import ConfigError, DivergenceError
+from mlplab.models import MLP, SigmoidNet, SimpleNet
 from mlplab.population import (
     PopulationOptimizer,
     StackedNets,
@@ -172,6 +173,43 @@ def test_a_diverging_member_is_frozen_and_reported_while_the_others_train_on(tmp
     # ... and kept there: the weights it reached are what it holds, not NaN from later updates.
     frozen = with_bad[1].state_dict
     assert all(not v.isnan().any() for v in frozen.values())
+
+
+@pytest.mark.parametrize(
+    "make, chain",
+    [
+        (lambda: MLP(64, 10, hidden_sizes=[32, 16]), True),
+        (
+            lambda: MLP(
+                64, 2, hidden_sizes=[8], activation="tanh", bias=False, single_output=True, output_activation="sigmoid"
+            ),
+            True,
+        ),
+        (lambda: SimpleNet(64, 10), True),
+        (lambda: SigmoidNet(64, 10), True),
+        (lambda: MLP(64, 10, hidden_sizes=[32], batch_norm=True), False),
+    ],
+    ids=["relu-mlp", "tanh-no-bias-sigmoid-out", "simple-net", "sigmoid-net", "batch-norm"],
+)
+def test_stacked_nets_compute_each_members_own_outputs_and_gradients(make, chain):
+    torch.manual_seed(0)
+    nets = [make() for _ in range(3)]
+    stacked = StackedNets(nets)
+    assert (stacked._chain is not None) == chain  # batched matrix products, or vmap for other layers
+    x = torch.randn(3, 5, 8, 8)
+    out = stacked(x)
+    out.square().sum().backward()
+    for i, net in enumerate(nets):
+        own = net.train()(x[i])
+        own.square().sum().backward()
+        assert torch.allclose(out[i], own, atol=1e-6), i
+        for name, param in net.named_parameters():
+            assert torch.allclose(stacked.params[name].grad[i], param.grad, atol=1e-5), (i, name)
+    shared = torch.randn(4, 64)  # evaluation's input: one batch for every member
+    with torch.no_grad():
+        got = stacked.eval()(shared.unsqueeze(0).expand(3, *shared.shape))
+    for i, net in enumerate(nets):
+        assert torch.allclose(got[i], net.eval()(shared), atol=1e-6), i
 
 
 def test_dropout_members_draw_their_own_masks_with_their_own_rates():

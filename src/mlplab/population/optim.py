@@ -114,18 +114,22 @@ class PopulationOptimizer:
                 continue
             keep = None if active is None else active.view(-1, *([1] * (p.dim() - 1)))
             if self.kind is torch.optim.SGD:
-                new = self._sgd(p, p.grad, state, keep)
+                scale, direction = self._h("neg_lr", p), self._sgd(p, p.grad, state, keep)
             else:
-                new = self._adam(p, p.grad, state, keep)
+                scale, direction = self._adam(p, p.grad, state, keep)
             if keep is None:
-                p.copy_(new)
+                p.addcmul_(scale, direction)
             else:
-                p.copy_(torch.where(keep, new, p))
+                p.copy_(torch.where(keep, torch.addcmul(p, scale, direction), p))
 
     @staticmethod
     def _keep(state: dict[str, Tensor], name: str, value: Tensor, keep: Tensor | None) -> None:
         old = state.get(name)
         state[name] = value if keep is None or old is None else torch.where(keep, value, old)
+
+    # The update rules return the step as ``(scale, direction)``: p <- p + scale * direction.
+    # While every member trains (``keep`` None) the optimizer state is updated in place, as
+    # torch.optim does: no new buffers each step.
 
     def _sgd(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], keep: Tensor | None) -> Tensor:
         # torch.optim.SGD: d = g + wd p; buf = d at the first step, then mu buf + (1 - damp) d;
@@ -136,6 +140,8 @@ class PopulationOptimizer:
             buf = state.get("momentum_buffer")
             if buf is None:
                 buf = d.clone()
+            elif keep is None:
+                buf.mul_(self._h("momentum", p)).addcmul_(self._h("one_minus_dampening", p), d)
             else:
                 buf = torch.addcmul(buf * self._h("momentum", p), self._h("one_minus_dampening", p), d)
             self._keep(state, "momentum_buffer", buf, keep)
@@ -143,16 +149,23 @@ class PopulationOptimizer:
             if self._nesterov:
                 with_buf = torch.where(self._h("nesterov", p) != 0, with_buf, buf)
             d = with_buf if self._all_momentum else torch.where(self._h("momentum", p) != 0, with_buf, d)
-        return torch.addcmul(p, self._h("neg_lr", p), d)
+        return d
 
-    def _adam(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], keep: Tensor | None) -> Tensor:
+    def _adam(self, p: Tensor, grad: Tensor, state: dict[str, Tensor], keep: Tensor | None) -> tuple[Tensor, Tensor]:
         # torch.optim.Adam: g = g + wd p; m = lerp(m, g, 1 - b1); v = b2 v + (1 - b2) g g;
         # p = p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
         g = torch.addcmul(grad, self._h("weight_decay", p), p) if self._weight_decay else grad
-        m = state.get("exp_avg", torch.zeros_like(p)).lerp(g, self._h("one_minus_beta1", p))
-        v = state.get("exp_avg_sq", torch.zeros_like(p)) * self._h("beta2", p) + (self._h("one_minus_beta2", p) * g) * g
-        self._keep(state, "exp_avg", m, keep)
-        self._keep(state, "exp_avg_sq", v, keep)
+        m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+        if keep is None and m is not None and v is not None:
+            m.lerp_(g, self._h("one_minus_beta1", p))
+            v.mul_(self._h("beta2", p)).addcmul_(self._h("one_minus_beta2", p) * g, g)
+        else:
+            m = (m if m is not None else torch.zeros_like(p)).lerp(g, self._h("one_minus_beta1", p))
+            v = (v if v is not None else torch.zeros_like(p)) * self._h("beta2", p) + (
+                self._h("one_minus_beta2", p) * g
+            ) * g
+            self._keep(state, "exp_avg", m, keep)
+            self._keep(state, "exp_avg_sq", v, keep)
         shape = (-1, *([1] * (p.dim() - 1)))
-        denom = v.sqrt() / self._bias2_sqrt.to(p.dtype).view(shape) + self._h("eps", p)
-        return p - self._step_size.to(p.dtype).view(shape) * (m / denom)
+        denom = v.sqrt().div_(self._bias2_sqrt.to(p.dtype).view(shape)).add_(self._h("eps", p))
+        return -self._step_size.to(p.dtype).view(shape), m / denom

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,62 @@ class _MemberDropout(nn.Module):
         if not self.training:
             return x
         return x * (torch.rand_like(x) >= self.p) / (1 - self.p)
+
+
+#: Layers a chain applies to ``[M, B, ...]`` as they are: elementwise, without parameters.
+_ELEMENTWISE = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.Identity)
+
+
+class _StackedLinear(torch.autograd.Function):
+    """``h @ W^T + b`` for every member (``h [M, B, in]``, ``W [M, out, in]``, ``b [M, out]``),
+    its gradients computed as ``nn.Linear``'s backward computes them (``dW = g^T @ h``,
+    ``dh = g @ W``): in ``W``'s own layout, which every optimizer pass then reads along the
+    grain, and in the single net's order of operations, so that a member rounds as its
+    sequential run does (a ReLU unit at the edge of zero flips on a last-bit difference)."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        w_t = weight.transpose(1, 2)
+        return torch.bmm(h, w_t) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, w_t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        h, weight = ctx.saved_tensors
+        grad_h = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(grad.transpose(1, 2), h) if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(dim=1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_h, grad_w, grad_b
+
+
+def _chain(template: nn.Module) -> list[tuple[str, str, nn.Module]] | None:
+    """The template's layers as ``(kind, state_dict name prefix, module)`` when the net is a
+    chain of flatten, linear, elementwise and dropout layers (``nn.Sequential`` or mlplab's
+    nets): the members are then applied with batched matrix products, not ``vmap`` (a third
+    of a small net's step). None: another net, applied with ``vmap``."""
+    from mlplab.models.nets import _LayerStack
+
+    if isinstance(template, nn.Sequential):
+        layers, prefix = template, ""
+    elif type(template).forward is _LayerStack.forward and isinstance(getattr(template, "layers", None), nn.Sequential):
+        layers, prefix = template.layers, "layers."
+    else:
+        return None
+    chain = []
+    for name, layer in layers.named_children():
+        if isinstance(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1:
+            kind = "flatten"
+        elif type(layer) is nn.Linear:
+            kind = "linear"
+        elif type(layer) in _ELEMENTWISE:
+            kind = "elementwise"
+        elif isinstance(layer, _MemberDropout):
+            kind = "dropout"
+        else:
+            return None
+        chain.append((kind, f"{prefix}{name}.", layer))
+    return chain
 
 
 def _layout(net: nn.Module) -> list[type]:
@@ -86,12 +142,30 @@ class StackedNets:
             self.buffers[f"{name}.p"] = torch.tensor(p, device=device)
         self._template.train()
         self._forward = vmap(self._member_forward, randomness="different")
+        self._chain = _chain(self._template)
 
     def _member_forward(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self._template, (params, buffers), (x,))
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self._forward(self.params, self.buffers, x)
+        if self._chain is None or (x.dim() != 3 and self._chain[0][0] != "flatten"):  # nn.Linear on more dims
+            return self._forward(self.params, self.buffers, x)
+        return self._chain_forward(x)
+
+    def _chain_forward(self, x: Tensor) -> Tensor:
+        """``self(x)`` for a chain (see :func:`_chain`): what ``vmap`` computes, one batched op per layer."""
+        m, h = self.size, x
+        for kind, prefix, layer in self._chain:
+            if kind == "flatten":
+                h = h.flatten(2)
+            elif kind == "linear":
+                h = _StackedLinear.apply(h, self.params[f"{prefix}weight"], self.params.get(f"{prefix}bias"))
+            elif kind == "elementwise":
+                h = layer(h)
+            elif self.training:  # dropout, each member with its own rate
+                p = self.buffers[f"{prefix}p"].to(h.dtype).view(m, *([1] * (h.dim() - 1)))
+                h = h * (torch.rand_like(h) >= p) / (1 - p)
+        return h
 
     def train(self, mode: bool = True) -> "StackedNets":
         """Training mode (dropout on) or evaluation mode, for every member."""
