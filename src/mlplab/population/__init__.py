@@ -13,11 +13,14 @@ What is stacked (:mod:`~mlplab.population.stacked`)
     :class:`StackedNets` holds each parameter of the M nets as one tensor with a leading
     member dimension (as ``torch.func.stack_module_state`` would, matching the nets'
     tensors by position: a net without dropout layers names them ``layers.3`` where one
-    with dropout says ``layers.4``). The forward pass is the single net's own ``forward``
-    mapped over that dimension: ``torch.func.functional_call`` on a storage-less copy of
-    the net under ``torch.func.vmap(randomness="different")``, so every member draws its own
-    dropout masks; each ``nn.Dropout`` becomes a dropout whose probability is a stacked
-    buffer, so members differ in ``model.dropout`` too (0: the identity). Each net is built
+    with dropout says ``layers.4``). A net that is a chain of flatten, linear, elementwise
+    and dropout layers (mlplab's nets, ``nn.Sequential``) runs as one batched matrix product
+    a linear layer, its gradients computed in ``nn.Linear``'s order of operations (a member
+    rounds as its sequential run does); any other net runs its own ``forward`` mapped over
+    the member dimension (``torch.func.functional_call`` on a storage-less copy under
+    ``torch.func.vmap(randomness="different")``). Every member draws its own dropout masks:
+    each ``nn.Dropout`` becomes a dropout whose probability is a stacked buffer, so members
+    differ in ``model.dropout`` too (0: the identity). Each net is built
     by :func:`mlplab.engines.build.build_net` right after
     ``lightning.seed_everything(member_seed)``, as :func:`mlplab.engines.run.fit` builds it,
     so member i starts from the weights its sequential job starts from, bit for bit.
