@@ -13,16 +13,22 @@ import pytest
 from conftest import REPO
 
 
-# Four engines in subprocesses (~35 s): slow, so the default suite stays under ~10 min; CI runs it.
-@pytest.mark.slow
-def test_benchmark_smoke(tmp_path):
+def _smoke(script: str, out) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script> --smoke --out <out>``, which must succeed."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_training.py"), "--smoke", "--out", str(tmp_path)],
+        [sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    return proc
+
+
+# Four engines in subprocesses (~35 s): slow, so the default suite stays under ~10 min; CI runs it.
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path):
+    _smoke("bench_training.py", tmp_path)
     result = json.loads((tmp_path / "bench.json").read_text())
     engines = {r["engine"] for r in result["results"]}
     assert engines == {"bare", "mlplab", "ignite", "torchvision"}
@@ -37,13 +43,7 @@ def test_benchmark_smoke(tmp_path):
 # Two digits sweeps (both launchers, 2 jobs, 1 epoch) and an import timing in subprocesses (~40 s).
 @pytest.mark.slow
 def test_population_benchmark_smoke(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_population.py"), "--smoke", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    proc = _smoke("bench_population.py", tmp_path)
     result = json.loads((tmp_path / "population-smoke.json").read_text())
     case = result["cases"]["digits16"]
     assert case["jobs"] == 2 and case["epochs"] == 1 and case["rounds"] == 1
