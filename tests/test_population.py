@@ -155,6 +155,24 @@ def test_without_dropout_each_member_ends_with_its_sequential_runs_weights(tmp_p
     assert _relative_gap(results[0].state_dict, results[1].state_dict) > 1e-2
 
 
+def test_batch_norm_members_keep_their_own_running_statistics(tmp_path, one_torch_thread):
+    """A net with BatchNorm runs under vmap (not the linear chain): each member's batch
+    statistics, running averages and batch count are its sequential run's."""
+    common = [*COMMON, "trainer.max_epochs=2", "model.batch_norm=true"]
+    members = [["seed=1", "optimizer.lr=0.05"], ["seed=2", "optimizer.lr=0.02"]]
+    population, results = run_population(_cfgs(tmp_path / "population", members, common))
+    assert population.nets._chain is None
+    for i, cfg in enumerate(_cfgs(tmp_path / "sequential", members, common)):
+        expected, metrics = _sequential_weights(cfg)
+        got = results[i].state_dict
+        assert list(got) == list(expected) and any("running_mean" in k for k in got)
+        counts = [k for k in expected if k.endswith("num_batches_tracked")]
+        assert counts and all(torch.equal(got[k], expected[k]) for k in counts)
+        floats = {k: v for k, v in expected.items() if v.is_floating_point()}
+        assert _relative_gap({k: got[k] for k in floats}, floats) <= 1e-4, i
+        assert results[i].history[-1]["val/acc"] == pytest.approx(metrics["val/acc"], abs=1e-6)
+
+
 def test_a_diverging_member_is_frozen_and_reported_while_the_others_train_on(tmp_path, one_torch_thread):
     good = [["seed=1", "optimizer.lr=0.05"], ["seed=2", "optimizer.lr=0.02"]]
     bad = ["seed=3", "optimizer.lr=1e6"]
