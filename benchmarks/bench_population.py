@@ -45,7 +45,7 @@ CASES = {
     "mnist8": ["data=mnist", "seed=1,2,3,4,5,6,7,8", "trainer.max_epochs=3"],
     "gpu64": ["data=mnist", "trainer=gpu", f"seed={','.join(str(s) for s in range(1, 65))}", "trainer.max_epochs=3"],
 }
-SMOKE = {"digits16": ["seed=1,2", "trainer.max_epochs=1"]}
+SMOKE = {"digits16": ["seed=1,2", "trainer.max_epochs=3"]}
 LAUNCHERS = {"basic": [], "population": ["hydra/launcher=population"]}
 LAUNCH_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[HYDRA\] Launching ", re.MULTILINE)
 TRAINED_LINE = re.compile(r"population of (\d+): trained in ([\d.]+) s")

@@ -40,19 +40,21 @@ def test_benchmark_smoke(tmp_path):
     assert "| simple_net | 64 |" in table and "mlplab / bare" in table
 
 
-# Two digits sweeps (both launchers, 2 jobs, 1 epoch) and an import timing in subprocesses (~40 s).
+# Two digits sweeps (both launchers, 2 jobs, 3 epochs) and an import timing in subprocesses (~40 s).
 @pytest.mark.slow
 def test_population_benchmark_smoke(tmp_path):
     proc = _smoke("bench_population.py", tmp_path)
     result = json.loads((tmp_path / "population-smoke.json").read_text())
     case = result["cases"]["digits16"]
-    assert case["jobs"] == 2 and case["epochs"] == 1 and case["rounds"] == 1
+    assert case["jobs"] == 2 and case["epochs"] == 3 and case["rounds"] == 1
     basic, population = case["basic"], case["population"]
     for entry in (basic, population):
         assert entry["wall_s"] > entry["start_s"] > 0 and entry["peak_rss_mb"] > 0
         assert entry["jobs_per_s"] == pytest.approx(2 / entry["wall_s"], rel=1e-2)
     assert 0 < population["train_s"] < population["wall_s"]
-    assert population["member_epochs_per_s"] == pytest.approx(2 / population["train_s"], rel=5e-2)  # train_s rounded
+    assert population["member_epochs_per_s"] == pytest.approx(
+        2 * 3 / population["train_s"], rel=5e-2
+    )  # train_s rounded
     assert case["ratio"] == pytest.approx(population["wall_s"] / basic["wall_s"], abs=1e-3)
     assert 0 < case["imports_s"] < basic["wall_s"]
     expected = (population["wall_s"] - population["start_s"] - case["imports_s"]) / (

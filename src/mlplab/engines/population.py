@@ -147,7 +147,7 @@ def train_group(cfgs: Sequence[DictConfig]) -> GroupRun:
         results = train_population(population, dm, on_epoch_end)
         seconds = time.perf_counter() - t0
         print(
-            f"population of {population.size}: trained in {seconds:.1f} s "
+            f"population of {population.size}: trained in {seconds:.2f} s "
             f"({population.size * population.epochs / max(seconds, 1e-9):.1f} member-epochs/s)",
             flush=True,
         )
