@@ -208,9 +208,7 @@ def table(results: dict) -> str:
             )
         lines.append(
             f"| {name} | population / basic | **{case['ratio']:.2f}** | | | | | "
-            f"after the start: {case['ratio_after_start']:.2f}"
-            + f", after the imports: {case['ratio_after_imports']:.2f}"
-            + " |"
+            f"after the start: {case['ratio_after_start']:.2f}, after the imports: {case['ratio_after_imports']:.2f} |"
         )
     return "\n".join(lines)
 

@@ -25,9 +25,12 @@ class _MemberDropout(nn.Module):
         self.register_buffer("p", torch.zeros(()), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training:
-            return x
-        return x * (torch.rand_like(x) >= self.p) / (1 - self.p)
+        return _dropout(x, self.p) if self.training else x
+
+
+def _dropout(x: Tensor, p: Tensor) -> Tensor:
+    """Inverted dropout with probability ``p`` (a scalar, or one per member broadcast over ``x``)."""
+    return x * (torch.rand_like(x) >= p) / (1 - p)
 
 
 #: Layers a chain applies to ``[M, B, ...]`` as they are: elementwise, without parameters.
@@ -163,8 +166,7 @@ class StackedNets:
             elif kind == "elementwise":
                 h = layer(h)
             elif self.training:  # dropout, each member with its own rate
-                p = self.buffers[f"{prefix}p"].to(h.dtype).view(m, *([1] * (h.dim() - 1)))
-                h = h * (torch.rand_like(h) >= p) / (1 - p)
+                h = _dropout(h, self.buffers[f"{prefix}p"].to(h.dtype).view(m, *([1] * (h.dim() - 1))))
         return h
 
     def train(self, mode: bool = True) -> "StackedNets":
